@@ -1,0 +1,195 @@
+/* rosterctl: the admin command line. Reads the same configuration file as
+ * rosterd. Each command is a row of the table below; output is for a
+ * terminal by default and JSON with --json. Errors are one line on stderr
+ * and a non-zero exit. */
+#include <getopt.h>
+#include <stdarg.h>
+#include <jansson.h>
+#include <libpq-fe.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config.h"
+#include "log.h"
+#include "migrations.h"
+#include "pg.h"
+
+struct ctl {
+	const struct rd_config *cfg;
+	bool json;
+	int argc;
+	char **argv;
+};
+
+struct ctl_cmd {
+	const char *name;
+	const char *args;
+	const char *help;
+	int (*run)(struct ctl *c);
+};
+
+__attribute__((format(printf, 1, 2))) static int die(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	fprintf(stderr, "rosterctl: ");
+	vfprintf(stderr, fmt, ap);
+	fputc('\n', stderr);
+	va_end(ap);
+	return 1;
+}
+
+static PGconn *connect_db(struct ctl *c)
+{
+	struct rd_err err = {0};
+	PGconn *conn = rd_pg_connect_blocking(c->cfg, &err);
+	if (!conn)
+		die("%s", err.msg);
+	return conn;
+}
+
+static int cmd_migrate(struct ctl *c)
+{
+	PGconn *conn = connect_db(c);
+	if (!conn)
+		return 1;
+	struct rd_err err = {0};
+	enum rd_status st = rd_migrate(conn, &err);
+	PQfinish(conn);
+	if (st != RD_OK)
+		return die("%s", err.msg);
+	printf("schema up to date (%zu migrations)\n", rd_migrations_count);
+	return 0;
+}
+
+static int cmd_messages(struct ctl *c)
+{
+	const char *org = NULL, *limit = "50";
+	for (int i = 0; i < c->argc; i++) {
+		if (strcmp(c->argv[i], "--org") == 0 && i + 1 < c->argc)
+			org = c->argv[++i];
+		else if (strcmp(c->argv[i], "--limit") == 0 && i + 1 < c->argc)
+			limit = c->argv[++i];
+		else
+			return die("messages: unexpected argument %s", c->argv[i]);
+	}
+	if (!org)
+		return die("messages: --org ORG is required");
+	PGconn *conn = connect_db(c);
+	if (!conn)
+		return 1;
+	char *sql = rd_query_text("ctl_messages");
+	const char *params[2] = {org, limit};
+	PGresult *res = PQexecParams(conn, sql, 2, NULL, params, NULL, NULL, 0);
+	free(sql);
+	int rc = 0;
+	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+		rc = die("%s", PQresultErrorMessage(res));
+	} else if (c->json) {
+		json_t *arr = json_array();
+		for (int r = 0; r < PQntuples(res); r++)
+			json_array_append_new(
+			    arr, json_pack("{s:s, s:s, s:s, s:s, s:s, s:s}", "org",
+					   PQgetvalue(res, r, 0), "message_id", PQgetvalue(res, r, 1),
+					   "type", PQgetvalue(res, r, 2), "outcome",
+					   PQgetvalue(res, r, 3), "reason", PQgetvalue(res, r, 4), "at",
+					   PQgetvalue(res, r, 5)));
+		json_dumpf(arr, stdout, JSON_INDENT(2));
+		fputc('\n', stdout);
+		json_decref(arr);
+	} else {
+		printf("%-29s %-10s %-20s %s\n", "AT", "OUTCOME", "TYPE", "MESSAGE ID / REASON");
+		for (int r = 0; r < PQntuples(res); r++) {
+			printf("%-29s %-10s %-20s %s", PQgetvalue(res, r, 5), PQgetvalue(res, r, 3),
+			       PQgetvalue(res, r, 2), PQgetvalue(res, r, 1));
+			if (*PQgetvalue(res, r, 4))
+				printf("  (%s)", PQgetvalue(res, r, 4));
+			putchar('\n');
+		}
+	}
+	PQclear(res);
+	PQfinish(conn);
+	return rc;
+}
+
+static const struct ctl_cmd cmds[] = {
+    {"messages", "--org ORG [--limit N]", "recent message outcomes of an organisation",
+     cmd_messages},
+    {"migrate", "", "apply pending schema migrations", cmd_migrate},
+};
+
+static void usage(FILE *out)
+{
+	fprintf(out, "usage: rosterctl [-c FILE] [--json] COMMAND [ARGS]\n\ncommands:\n");
+	for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)
+		fprintf(out, "  %-10s %-26s %s\n", cmds[i].name, cmds[i].args, cmds[i].help);
+	fprintf(out, "\noptions:\n  -c, --config FILE  configuration (default " RD_CONFIG_DEFAULT_PATH
+		     ")\n  --json             machine-readable output\n  -h, --help\n");
+}
+
+int main(int argc, char **argv)
+{
+	const char *path = RD_CONFIG_DEFAULT_PATH;
+	struct ctl c = {0};
+	static const struct option opts[] = {{"config", required_argument, NULL, 'c'},
+					     {"json", no_argument, NULL, 'j'},
+					     {"help", no_argument, NULL, 'h'},
+					     {NULL, 0, NULL, 0}};
+	int o;
+	while ((o = getopt_long(argc, argv, "+c:h", opts, NULL)) != -1) {
+		switch (o) {
+		case 'c':
+			path = optarg;
+			break;
+		case 'j':
+			c.json = true;
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return 2;
+		}
+	}
+	if (optind >= argc) {
+		usage(stderr);
+		return 2;
+	}
+	const char *name = argv[optind];
+	const struct ctl_cmd *cmd = NULL;
+	for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)
+		if (strcmp(cmds[i].name, name) == 0)
+			cmd = &cmds[i];
+	if (!cmd) {
+		fprintf(stderr, "rosterctl: unknown command %s (see --help)\n", name);
+		return 2;
+	}
+	c.argc = argc - optind - 1;
+	c.argv = argv + optind + 1;
+	for (int i = 0; i < c.argc; i++) {
+		if (strcmp(c.argv[i], "--help") == 0 || strcmp(c.argv[i], "-h") == 0) {
+			printf("usage: rosterctl [-c FILE] [--json] %s %s\n  %s\n", cmd->name,
+			       cmd->args, cmd->help);
+			return 0;
+		}
+		if (strcmp(c.argv[i], "--json") == 0) {
+			c.json = true;
+			memmove(&c.argv[i], &c.argv[i + 1], (size_t)(c.argc - i - 1) * sizeof(char *));
+			c.argc--;
+			i--;
+		}
+	}
+	struct rd_err err = {0};
+	struct rd_config *cfg = rd_config_load(path, &err);
+	if (!cfg) {
+		fprintf(stderr, "rosterctl: %s\n", err.msg);
+		return 1;
+	}
+	rd_log_init("rosterctl", LOG_WARNING);
+	c.cfg = cfg;
+	int rc = cmd->run(&c);
+	rd_config_free(cfg);
+	return rc;
+}

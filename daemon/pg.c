@@ -1,0 +1,477 @@
+/* pg.c: a small pool of PostgreSQL connections on the libevent loop.
+ *
+ * A job is a list of prepared statements. It is sent in pipeline mode with
+ * one sync at the end, so the server runs it as one implicit transaction
+ * and commits at the sync: one round trip per job whatever its size. The
+ * result of the sync is the commit. Any error rolls the whole job back; the
+ * caller decides what to do from the classification in rd_pg_done_cb.
+ *
+ * Connecting (and preparing) is blocking but bounded by connect_timeout;
+ * everything on an established connection is non-blocking. */
+#include "pg.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "migrations.h"
+
+#define RD_PG_BACKOFF_MIN_MS 100
+#define RD_PG_BACKOFF_MAX_MS 2000
+
+enum conn_state { C_DOWN, C_IDLE, C_BUSY };
+
+struct rd_pgconn {
+	struct rd_pg *pg;
+	int idx;
+	PGconn *conn;
+	struct event *rev;
+	struct event *wev;
+	struct event *timer;
+	enum conn_state state;
+	int backoff_ms;
+	/* the job in flight */
+	rd_pg_row_cb on_row;
+	rd_pg_done_cb on_done;
+	void *arg;
+	int nstmts;
+	int cur;
+	bool cur_seen;
+	enum rd_status err_st;
+	int err_idx;
+	char errmsg[300];
+};
+
+struct rd_pg {
+	struct event_base *base;
+	const struct rd_config *cfg;
+	rd_pg_state_cb on_state;
+	void *arg;
+	int nconns;
+	struct rd_pgconn *conns;
+	bool connected;
+};
+
+static void conn_schedule(struct rd_pgconn *c);
+static void conn_read_cb(evutil_socket_t fd, short what, void *arg);
+static void conn_write_cb(evutil_socket_t fd, short what, void *arg);
+
+static char *read_secret_file(const char *path, struct rd_err *err)
+{
+	FILE *f = fopen(path, "r");
+	if (!f) {
+		rd_errf(err, RD_FAIL, "[postgres] password_file %s: %s", path, strerror(errno));
+		return NULL;
+	}
+	char buf[1024];
+	size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
+		buf[--n] = '\0';
+	return rd_xstrdup(buf);
+}
+
+/* Server notices (e.g. "already exists, skipping") go to the log at debug
+ * level instead of libpq's default, stderr. */
+static void notice_cb(void *arg, const char *message)
+{
+	(void)arg;
+	char line[300];
+	rd_strlcpy(line, message, sizeof(line));
+	line[strcspn(line, "\n")] = '\0';
+	rd_log(LOG_DEBUG, "pg.notice", "message=\"%s\"", line);
+}
+
+PGconn *rd_pg_connect_blocking(const struct rd_config *cfg, struct rd_err *err)
+{
+	char opts[64];
+	snprintf(opts, sizeof(opts), "-c statement_timeout=%d", cfg->statement_timeout_ms);
+	char *password = NULL;
+	if (cfg->pg_password_file && cfg->pg_password_file[0]) {
+		password = read_secret_file(cfg->pg_password_file, err);
+		if (!password)
+			return NULL;
+	}
+	/* Our defaults come first: the operator's conninfo (expanded from
+	 * dbname) overrides them; a password file overrides the conninfo. */
+	const char *keys[] = {"connect_timeout", "keepalives", "keepalives_idle",
+			      "keepalives_interval", "keepalives_count", "application_name",
+			      "options", "dbname", password ? "password" : NULL, NULL};
+	const char *vals[] = {"5", "1", "10", "3", "3", cfg->instance, opts, cfg->conninfo,
+			      password, NULL};
+	PGconn *conn = PQconnectdbParams(keys, vals, 1);
+	free(password);
+	if (!conn) {
+		rd_errf(err, RD_FAIL, "postgres: out of memory");
+		return NULL;
+	}
+	if (PQstatus(conn) != CONNECTION_OK) {
+		rd_errf(err, RD_FAIL, "postgres: %s", PQerrorMessage(conn));
+		PQfinish(conn);
+		return NULL;
+	}
+	PQsetNoticeProcessor(conn, notice_cb, NULL);
+	return conn;
+}
+
+/* Prepare every named statement of schema/queries on conn. */
+static enum rd_status prepare_all(PGconn *conn, struct rd_err *err)
+{
+	const char *p = rd_queries_sql;
+	while ((p = strstr(p, "\n-- name: ")) != NULL) {
+		p += strlen("\n-- name: ");
+		size_t n = strcspn(p, " \n");
+		char name[128];
+		if (n == 0 || n >= sizeof(name))
+			return rd_errf(err, RD_FAIL, "schema/queries: bad name line");
+		memcpy(name, p, n);
+		name[n] = '\0';
+		char *sql = rd_query_text(name);
+		PGresult *res = PQprepare(conn, name, sql, 0, NULL);
+		free(sql);
+		if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+			rd_errf(err, RD_FAIL, "prepare %s: %s", name, PQresultErrorMessage(res));
+			PQclear(res);
+			return RD_FAIL;
+		}
+		PQclear(res);
+	}
+	return RD_OK;
+}
+
+static void report_state(struct rd_pg *pg)
+{
+	bool up = false;
+	for (int i = 0; i < pg->nconns; i++)
+		if (pg->conns[i].state != C_DOWN)
+			up = true;
+	if (up != pg->connected) {
+		pg->connected = up;
+		if (pg->on_state)
+			pg->on_state(pg->arg, up);
+	}
+}
+
+static void conn_close(struct rd_pgconn *c)
+{
+	if (c->rev) {
+		event_free(c->rev);
+		c->rev = NULL;
+	}
+	if (c->wev) {
+		event_free(c->wev);
+		c->wev = NULL;
+	}
+	if (c->conn) {
+		PQfinish(c->conn);
+		c->conn = NULL;
+	}
+	c->state = C_DOWN;
+}
+
+/* End the job in flight with st and hand the outcome to its owner. */
+static void job_finish(struct rd_pgconn *c, enum rd_status st, int idx, const char *msg)
+{
+	rd_pg_done_cb done = c->on_done;
+	void *arg = c->arg;
+	c->on_done = NULL;
+	c->on_row = NULL;
+	c->arg = NULL;
+	if (st == RD_FAIL) {
+		conn_close(c);
+		conn_schedule(c);
+		report_state(c->pg);
+	} else {
+		c->state = C_IDLE;
+	}
+	if (done)
+		done(arg, st, idx, msg);
+}
+
+static void conn_lost(struct rd_pgconn *c, const char *why)
+{
+	char msg[300];
+	rd_strlcpy(msg, why, sizeof(msg));
+	for (char *p = msg; *p; p++)
+		if (*p == '\n')
+			*p = ' ';
+	rd_log(LOG_WARNING, "pg.lost", "conn=%d error=\"%s\"", c->idx, msg);
+	if (c->state == C_BUSY) {
+		job_finish(c, RD_FAIL, -1, msg);
+	} else {
+		conn_close(c);
+		conn_schedule(c);
+		report_state(c->pg);
+	}
+}
+
+static enum rd_status classify(const PGresult *r)
+{
+	const char *s = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+	if (!s)
+		return RD_FAIL;
+	if (strncmp(s, "08", 2) == 0 || strcmp(s, "57P01") == 0 || strcmp(s, "57P02") == 0 ||
+	    strcmp(s, "57P03") == 0)
+		return RD_FAIL;
+	if (strncmp(s, "40", 2) == 0 || strcmp(s, "55P03") == 0 || strcmp(s, "57014") == 0 ||
+	    strncmp(s, "53", 2) == 0)
+		return RD_RETRY;
+	return RD_REJECT;
+}
+
+static void conn_results(struct rd_pgconn *c)
+{
+	int nulls = 0;
+	while (c->state == C_BUSY) {
+		if (PQisBusy(c->conn))
+			return;
+		PGresult *r = PQgetResult(c->conn);
+		if (!r) {
+			if (c->cur_seen) {
+				c->cur++;
+				c->cur_seen = false;
+				nulls = 0;
+			} else if (++nulls > 1) {
+				return;
+			}
+			continue;
+		}
+		nulls = 0;
+		switch (PQresultStatus(r)) {
+		case PGRES_PIPELINE_SYNC:
+			PQclear(r);
+			job_finish(c, c->err_st, c->err_idx, c->errmsg);
+			return;
+		case PGRES_TUPLES_OK:
+		case PGRES_COMMAND_OK:
+			if (c->err_st == RD_OK && c->on_row)
+				c->on_row(c->arg, c->cur, r);
+			break;
+		case PGRES_PIPELINE_ABORTED:
+			break;
+		default:
+			if (c->err_st == RD_OK) {
+				c->err_st = classify(r);
+				c->err_idx = c->cur;
+				rd_strlcpy(c->errmsg, PQresultErrorMessage(r), sizeof(c->errmsg));
+				for (char *p = c->errmsg; *p; p++)
+					if (*p == '\n')
+						*p = ' ';
+			}
+			break;
+		}
+		c->cur_seen = true;
+		PQclear(r);
+	}
+}
+
+static void conn_read_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct rd_pgconn *c = arg;
+	(void)fd;
+	(void)what;
+	if (!PQconsumeInput(c->conn) || PQstatus(c->conn) != CONNECTION_OK) {
+		conn_lost(c, PQerrorMessage(c->conn));
+		return;
+	}
+	if (c->state == C_BUSY) {
+		conn_results(c);
+	} else {
+		/* notices only; results outside a job are not expected */
+		PGresult *r;
+		while (!PQisBusy(c->conn) && (r = PQgetResult(c->conn)) != NULL)
+			PQclear(r);
+	}
+}
+
+static void conn_flush(struct rd_pgconn *c)
+{
+	int r = PQflush(c->conn);
+	if (r < 0) {
+		conn_lost(c, PQerrorMessage(c->conn));
+	} else if (r > 0) {
+		event_add(c->wev, NULL);
+	}
+}
+
+static void conn_write_cb(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	conn_flush(arg);
+}
+
+static enum rd_status conn_open(struct rd_pgconn *c, struct rd_err *err)
+{
+	PGconn *conn = rd_pg_connect_blocking(c->pg->cfg, err);
+	if (!conn)
+		return RD_FAIL;
+	if (prepare_all(conn, err) != RD_OK) {
+		PQfinish(conn);
+		return RD_FAIL;
+	}
+	if (PQsetnonblocking(conn, 1) != 0 || !PQenterPipelineMode(conn)) {
+		rd_errf(err, RD_FAIL, "postgres: cannot enter pipeline mode: %s",
+			PQerrorMessage(conn));
+		PQfinish(conn);
+		return RD_FAIL;
+	}
+	c->conn = conn;
+	c->rev = event_new(c->pg->base, PQsocket(conn), EV_READ | EV_PERSIST, conn_read_cb, c);
+	c->wev = event_new(c->pg->base, PQsocket(conn), EV_WRITE, conn_write_cb, c);
+	event_add(c->rev, NULL);
+	c->state = C_IDLE;
+	c->backoff_ms = 0;
+	return RD_OK;
+}
+
+static void conn_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct rd_pgconn *c = arg;
+	struct rd_err err;
+	(void)fd;
+	(void)what;
+	if (c->state != C_DOWN)
+		return;
+	if (conn_open(c, &err) != RD_OK) {
+		rd_log(LOG_WARNING, "pg.connect_failed", "conn=%d retry_ms=%d error=\"%s\"", c->idx,
+		       c->backoff_ms, err.msg);
+		conn_schedule(c);
+		return;
+	}
+	rd_log(LOG_NOTICE, "pg.connected", "conn=%d", c->idx);
+	/* tell the owner even when others were up: there is a new idle
+	 * connection to hand work to */
+	if (c->pg->connected && c->pg->on_state)
+		c->pg->on_state(c->pg->arg, true);
+	else
+		report_state(c->pg);
+}
+
+static void conn_schedule(struct rd_pgconn *c)
+{
+	if (c->backoff_ms == 0)
+		c->backoff_ms = RD_PG_BACKOFF_MIN_MS;
+	else if ((c->backoff_ms *= 2) > RD_PG_BACKOFF_MAX_MS)
+		c->backoff_ms = RD_PG_BACKOFF_MAX_MS;
+	struct timeval tv = {c->backoff_ms / 1000, (c->backoff_ms % 1000) * 1000};
+	event_add(c->timer, &tv);
+}
+
+struct rd_pg *rd_pg_new(struct event_base *base, const struct rd_config *cfg,
+			rd_pg_state_cb on_state, void *arg)
+{
+	struct rd_pg *pg = rd_xcalloc(1, sizeof(*pg));
+	pg->base = base;
+	pg->cfg = cfg;
+	pg->on_state = on_state;
+	pg->arg = arg;
+	pg->nconns = cfg->connections;
+	pg->conns = rd_xcalloc((size_t)pg->nconns, sizeof(*pg->conns));
+	for (int i = 0; i < pg->nconns; i++) {
+		struct rd_pgconn *c = &pg->conns[i];
+		c->pg = pg;
+		c->idx = i;
+		c->state = C_DOWN;
+		c->timer = evtimer_new(base, conn_timer_cb, c);
+	}
+	return pg;
+}
+
+void rd_pg_free(struct rd_pg *pg)
+{
+	if (!pg)
+		return;
+	for (int i = 0; i < pg->nconns; i++) {
+		conn_close(&pg->conns[i]);
+		event_free(pg->conns[i].timer);
+	}
+	free(pg->conns);
+	free(pg);
+}
+
+void rd_pg_set_config(struct rd_pg *pg, const struct rd_config *cfg)
+{
+	pg->cfg = cfg;
+}
+
+enum rd_status rd_pg_start(struct rd_pg *pg, struct rd_err *err)
+{
+	PGconn *conn = rd_pg_connect_blocking(pg->cfg, err);
+	if (!conn)
+		return RD_FAIL;
+	enum rd_status st = rd_migrate(conn, err);
+	PQfinish(conn);
+	if (st != RD_OK)
+		return st;
+	for (int i = 0; i < pg->nconns; i++) {
+		struct rd_pgconn *c = &pg->conns[i];
+		if (conn_open(c, err) != RD_OK) {
+			rd_log(LOG_WARNING, "pg.connect_failed", "conn=%d error=\"%s\"", i, err->msg);
+			conn_schedule(c);
+		}
+	}
+	report_state(pg);
+	return pg->connected ? RD_OK : rd_errf(err, RD_FAIL, "postgres: no connection");
+}
+
+enum rd_status rd_pg_submit(struct rd_pg *pg, const struct rd_pg_stmt *stmts, int n,
+			    rd_pg_row_cb on_row, rd_pg_done_cb on_done, void *arg)
+{
+	struct rd_pgconn *c = NULL;
+	for (int i = 0; i < pg->nconns; i++) {
+		if (pg->conns[i].state == C_IDLE) {
+			c = &pg->conns[i];
+			break;
+		}
+	}
+	if (!c)
+		return RD_RETRY;
+	c->state = C_BUSY;
+	c->on_row = on_row;
+	c->on_done = on_done;
+	c->arg = arg;
+	c->nstmts = n;
+	c->cur = 0;
+	c->cur_seen = false;
+	c->err_st = RD_OK;
+	c->err_idx = -1;
+	c->errmsg[0] = '\0';
+	for (int i = 0; i < n; i++) {
+		if (!PQsendQueryPrepared(c->conn, stmts[i].name, stmts[i].nparams, stmts[i].values,
+					 NULL, NULL, 0)) {
+			conn_lost(c, PQerrorMessage(c->conn));
+			return RD_OK; /* on_done already called with RD_FAIL */
+		}
+	}
+	if (!PQpipelineSync(c->conn)) {
+		conn_lost(c, PQerrorMessage(c->conn));
+		return RD_OK;
+	}
+	conn_flush(c);
+	return RD_OK;
+}
+
+int rd_pg_idle(const struct rd_pg *pg)
+{
+	int n = 0;
+	for (int i = 0; i < pg->nconns; i++)
+		n += pg->conns[i].state == C_IDLE;
+	return n;
+}
+
+int rd_pg_busy(const struct rd_pg *pg)
+{
+	int n = 0;
+	for (int i = 0; i < pg->nconns; i++)
+		n += pg->conns[i].state == C_BUSY;
+	return n;
+}
+
+bool rd_pg_connected(const struct rd_pg *pg)
+{
+	return pg->connected;
+}

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# test.sh - THE test command: installs the dependencies, builds rosterd with
+# ASan+UBSan (build-test) and the libFuzzer targets with clang (build-fuzz),
+# then runs every test with ctest: unit tests and fuzzers (2 in parallel),
+# then the integration tests serially against private PostgreSQL, RabbitMQ
+# and SMTP servers (tests/fixture/servers.sh, stopped whatever happens).
+# Exit status: 0 when everything passed.
+#
+#   sudo bash scripts/test.sh               everything (CI runs this)
+#   sudo bash scripts/test.sh -L unit       only what ctest selects (args go
+#                                           to one serial ctest run)
+# Environment: FUZZ_SECONDS (default 60 per fuzzer), SKIP_DEPS=1 (do not run
+# install-deps.sh), JOBS (build parallelism, default nproc), CTEST_JOBS
+# (parallel unit/fuzz tests, default 2).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+BUILD=$ROOT/build-test
+FUZZ_BUILD=$ROOT/build-fuzz
+SERVERS_DIR=$BUILD/test-servers
+JOBS=${JOBS:-$(nproc)}
+CTEST_JOBS=${CTEST_JOBS:-2}
+T0=$(date +%s)
+
+say() { printf '\n=== test.sh: %s\n' "$*"; }
+
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+export PYTHONDONTWRITEBYTECODE=1
+
+cleanup() {
+	local rc=$?
+	trap - EXIT INT TERM
+	if [ -f "$SERVERS_DIR/ports" ]; then
+		bash tests/fixture/servers.sh stop "$SERVERS_DIR" >/dev/null 2>&1 || true
+	fi
+	exit $rc
+}
+trap cleanup EXIT
+trap 'echo "test.sh: interrupted" >&2; exit 130' INT TERM
+
+if [ "${SKIP_DEPS:-0}" != 1 ]; then
+	say "dependencies"
+	bash scripts/install-deps.sh
+fi
+
+# --- fuzzers (clang, libFuzzer) ------------------------------------------------
+fuzz_args=(-DROSTERD_FUZZ_DIR= "-DROSTERD_FUZZ_SECONDS=${FUZZ_SECONDS:-60}")
+shopt -s nullglob
+fuzz_src=(tests/fuzz/fuzz_*.c)
+shopt -u nullglob
+if [ ${#fuzz_src[@]} -gt 0 ]; then
+	say "build fuzzers (${#fuzz_src[@]}) in build-fuzz"
+	CC=clang cmake -S . -B "$FUZZ_BUILD" -DROSTERD_FUZZ=ON -DROSTERD_TESTS=OFF \
+		-DROSTERD_SANITIZE=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	targets=()
+	for f in "${fuzz_src[@]}"; do
+		n=${f##*/}
+		targets+=(--target "${n%.c}")
+	done
+	cmake --build "$FUZZ_BUILD" -j "$JOBS" "${targets[@]}"
+	fuzz_args=("-DROSTERD_FUZZ_DIR=$FUZZ_BUILD" "-DROSTERD_FUZZ_SECONDS=${FUZZ_SECONDS:-60}")
+else
+	say "no tests/fuzz/fuzz_*.c: no fuzzers"
+fi
+
+# --- rosterd with ASan+UBSan -----------------------------------------------------
+say "build build-test (Debug, ASan+UBSan)"
+cmake -S . -B "$BUILD" -DROSTERD_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug -DROSTERD_TESTS=ON "${fuzz_args[@]}"
+cmake --build "$BUILD" -j "$JOBS"
+
+# Servers left behind by an interrupted earlier run.
+bash tests/fixture/servers.sh stop "$SERVERS_DIR" >/dev/null 2>&1 || true
+
+# --- tests -----------------------------------------------------------------------
+rc=0
+if [ $# -gt 0 ]; then
+	say "ctest $*"
+	ctest --test-dir "$BUILD" --output-on-failure "$@" || rc=$?
+else
+	say "unit tests and fuzzers (ctest -j$CTEST_JOBS)"
+	rc1=0
+	ctest --test-dir "$BUILD" --output-on-failure -LE integration -j "$CTEST_JOBS" || rc1=$?
+	say "integration tests (serial)"
+	rc2=0
+	ctest --test-dir "$BUILD" --output-on-failure -L integration || rc2=$?
+	[ $rc1 = 0 ] || rc=$rc1
+	[ $rc2 = 0 ] || rc=$rc2
+	say "unit+fuzz: $([ $rc1 = 0 ] && echo passed || echo "FAILED ($rc1)"); integration: $([ $rc2 = 0 ] && echo passed || echo "FAILED ($rc2)")"
+fi
+say "$([ $rc = 0 ] && echo "ALL TESTS PASSED" || echo "TESTS FAILED (exit $rc)") in $(($(date +%s) - T0))s"
+exit $rc
