@@ -1,4 +1,4 @@
-/* rosterctl: the admin command line. Reads the same configuration file as
+/* rosterctl.c: the admin command line. Reads the same configuration file as
  * rosterd. Each command is a row of the table below; output is for a
  * terminal by default and JSON with --json. Errors are one line on stderr
  * and a non-zero exit. */
@@ -11,16 +11,10 @@
 #include <string.h>
 
 #include "config.h"
+#include "ctl.h"
 #include "log.h"
 #include "migrations.h"
 #include "pg.h"
-
-struct ctl {
-	const struct rd_config *cfg;
-	bool json;
-	int argc;
-	char **argv;
-};
 
 struct ctl_cmd {
 	const char *name;
@@ -29,7 +23,7 @@ struct ctl_cmd {
 	int (*run)(struct ctl *c);
 };
 
-__attribute__((format(printf, 1, 2))) static int die(const char *fmt, ...)
+int ctl_die(const char *fmt, ...)
 {
 	va_list ap;
 	va_start(ap, fmt);
@@ -40,30 +34,59 @@ __attribute__((format(printf, 1, 2))) static int die(const char *fmt, ...)
 	return 1;
 }
 
-static PGconn *connect_db(struct ctl *c)
+PGconn *ctl_connect(struct ctl *c)
 {
 	struct rd_err err = {0};
 	PGconn *conn = rd_pg_connect_blocking(c->cfg, &err);
 	if (!conn)
-		die("%s", err.msg);
+		ctl_die("%s", err.msg);
 	return conn;
 }
 
-static int cmd_migrate(struct ctl *c)
+PGresult *ctl_query(PGconn *conn, const char *name, int n, const char *const *params)
 {
-	PGconn *conn = connect_db(c);
+	char *sql = rd_query_text(name);
+	if (!sql) {
+		ctl_die("internal: no statement named %s", name);
+		return NULL;
+	}
+	PGresult *res = PQexecParams(conn, sql, n, NULL, params, NULL, NULL, 0);
+	free(sql);
+	ExecStatusType st = PQresultStatus(res);
+	if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) {
+		char msg[512];
+		rd_strlcpy(msg, PQresultErrorMessage(res), sizeof(msg));
+		msg[strcspn(msg, "\n")] = '\0';
+		ctl_die("%s", msg);
+		PQclear(res);
+		return NULL;
+	}
+	return res;
+}
+
+const char *ctl_opt(struct ctl *c, const char *name)
+{
+	for (int i = 0; i + 1 < c->argc; i++)
+		if (strcmp(c->argv[i], name) == 0)
+			return c->argv[i + 1];
+	return NULL;
+}
+
+int ctl_migrate(struct ctl *c)
+{
+	PGconn *conn = ctl_connect(c);
 	if (!conn)
 		return 1;
 	struct rd_err err = {0};
 	enum rd_status st = rd_migrate(conn, &err);
 	PQfinish(conn);
 	if (st != RD_OK)
-		return die("%s", err.msg);
+		return ctl_die("%s", err.msg);
 	printf("schema up to date (%zu migrations)\n", rd_migrations_count);
 	return 0;
 }
 
-static int cmd_messages(struct ctl *c)
+int ctl_messages(struct ctl *c)
 {
 	const char *org = NULL, *limit = "50";
 	for (int i = 0; i < c->argc; i++) {
@@ -72,20 +95,18 @@ static int cmd_messages(struct ctl *c)
 		else if (strcmp(c->argv[i], "--limit") == 0 && i + 1 < c->argc)
 			limit = c->argv[++i];
 		else
-			return die("messages: unexpected argument %s", c->argv[i]);
+			return ctl_die("messages: unexpected argument %s", c->argv[i]);
 	}
 	if (!org)
-		return die("messages: --org ORG is required");
-	PGconn *conn = connect_db(c);
+		return ctl_die("messages: --org ORG is required");
+	PGconn *conn = ctl_connect(c);
 	if (!conn)
 		return 1;
-	char *sql = rd_query_text("ctl_messages");
 	const char *params[2] = {org, limit};
-	PGresult *res = PQexecParams(conn, sql, 2, NULL, params, NULL, NULL, 0);
-	free(sql);
+	PGresult *res = ctl_query(conn, "ctl_messages", 2, params);
 	int rc = 0;
-	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-		rc = die("%s", PQresultErrorMessage(res));
+	if (!res) {
+		rc = 1;
 	} else if (c->json) {
 		json_t *arr = json_array();
 		for (int r = 0; r < PQntuples(res); r++)
@@ -115,8 +136,8 @@ static int cmd_messages(struct ctl *c)
 
 static const struct ctl_cmd cmds[] = {
     {"messages", "--org ORG [--limit N]", "recent message outcomes of an organisation",
-     cmd_messages},
-    {"migrate", "", "apply pending schema migrations", cmd_migrate},
+     ctl_messages},
+    {"migrate", "", "apply pending schema migrations", ctl_migrate},
 };
 
 static void usage(FILE *out)

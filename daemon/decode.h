@@ -7,7 +7,8 @@
  * more elements than bytes remain (msgpack-c allocates from the header's
  * count before reading the elements). Only then does rd_decode_envelope let
  * msgpack-c unpack, and it checks the envelope: v, id, type, org, at, data,
- * string types, UTF-8, lengths. Unknown keys are ignored.
+ * string types, lengths; and everywhere in the body: string map keys, no
+ * repeated key in a map, UTF-8 without NUL. Unknown keys are ignored.
  *
  * Owns struct rd_envelope: the unpacked object lives in env->unp's zone and
  * points into the caller's buffer, which must outlive the envelope. */

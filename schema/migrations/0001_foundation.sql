@@ -120,19 +120,44 @@ BEGIN
 	RETURN 'applied';
 END $$;
 
--- The per-type dispatch. Later migrations replace it (CREATE OR REPLACE) as
--- handlers are added; a type the C table knows but SQL does not is rejected.
-CREATE FUNCTION rd.dispatch(p_org text, p_id text, p_type text, p_at timestamptz, d jsonb)
-RETURNS text LANGUAGE plpgsql AS $$
+-- The per-type dispatch. Each migration that adds message types registers
+-- their functions in rd.handler_fns and calls rd.rebuild_dispatch(), which
+-- regenerates rd.dispatch() as one CASE over the registry (plain calls, so
+-- plans are cached: no dynamic SQL per message). A type the C table knows
+-- but no migration registered is rejected.
+CREATE TABLE rd.handler_fns (
+	type  text NOT NULL PRIMARY KEY,
+	fn    text NOT NULL   -- a function (org text, id text, at timestamptz, data jsonb) -> text
+);
+
+CREATE FUNCTION rd.rebuild_dispatch() RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+	v_cases text := '';
+	r record;
+BEGIN
+	FOR r IN SELECT type, fn FROM rd.handler_fns ORDER BY type LOOP
+		v_cases := v_cases || format(E'\tWHEN %L THEN RETURN %s(p_org, p_id, p_at, d);\n',
+					     r.type, r.fn::regproc);
+	END LOOP;
+	EXECUTE format($f$
+CREATE OR REPLACE FUNCTION rd.dispatch(p_org text, p_id text, p_type text, p_at timestamptz,
+				       d jsonb)
+RETURNS text LANGUAGE plpgsql AS $body$
 BEGIN
 	CASE p_type
-	WHEN 'org.configured' THEN RETURN rd.h_org_configured(p_org, p_id, p_at, d);
-	WHEN 'offer.upserted' THEN RETURN rd.h_offer_upserted(p_org, p_id, p_at, d);
-	ELSE
-		PERFORM rd.reject(format('type %s is not handled by this schema version', p_type));
+%s	ELSE
+		PERFORM rd.reject(format('type %%s is not handled by this schema version', p_type));
 	END CASE;
 	RETURN 'applied';
+END $body$;
+$f$, v_cases);
 END $$;
+
+INSERT INTO rd.handler_fns (type, fn) VALUES
+	('org.configured', 'rd.h_org_configured'),
+	('offer.upserted', 'rd.h_offer_upserted');
+SELECT rd.rebuild_dispatch();
 
 -- rd.apply: one message, inside the caller's (batch) transaction.
 -- Returns outcome applied | stale | duplicate | rejected | retry, and reason

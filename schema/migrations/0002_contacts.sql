@@ -775,26 +775,21 @@ BEGIN
 	RETURN 'applied';
 END $$;
 
-CREATE OR REPLACE FUNCTION rd.dispatch(p_org text, p_id text, p_type text, p_at timestamptz,
-				       d jsonb)
-RETURNS text LANGUAGE plpgsql AS $$
-BEGIN
-	CASE p_type
-	WHEN 'booking.created' THEN RETURN rd.h_booking_upsert(p_org, p_id, p_at, d, p_type);
-	WHEN 'booking.updated' THEN RETURN rd.h_booking_upsert(p_org, p_id, p_at, d, p_type);
-	WHEN 'attendee.updated' THEN RETURN rd.h_attendee_updated(p_org, p_id, p_at, d);
-	WHEN 'booking.cancelled' THEN RETURN rd.h_booking_cancelled(p_org, p_id, p_at, d);
-	WHEN 'contact.upserted' THEN RETURN rd.h_contact_upserted(p_org, p_id, p_at, d);
-	WHEN 'contact.tagged' THEN RETURN rd.h_contact_tagged(p_org, p_id, p_at, d);
-	WHEN 'contact.noted' THEN RETURN rd.h_contact_noted(p_org, p_id, p_at, d);
-	WHEN 'field.defined' THEN RETURN rd.h_field_defined(p_org, p_id, p_at, d);
-	WHEN 'org.configured' THEN RETURN rd.h_org_configured(p_org, p_id, p_at, d);
-	WHEN 'offer.upserted' THEN RETURN rd.h_offer_upserted(p_org, p_id, p_at, d);
-	ELSE
-		PERFORM rd.reject(format('type %s is not handled by this schema version', p_type));
-	END CASE;
-	RETURN 'applied';
-END $$;
+CREATE FUNCTION rd.h_booking_created(p_org text, p_id text, p_at timestamptz, d jsonb)
+RETURNS text LANGUAGE sql AS $$ SELECT rd.h_booking_upsert(p_org, p_id, p_at, d, 'booking.created') $$;
+CREATE FUNCTION rd.h_booking_updated(p_org text, p_id text, p_at timestamptz, d jsonb)
+RETURNS text LANGUAGE sql AS $$ SELECT rd.h_booking_upsert(p_org, p_id, p_at, d, 'booking.updated') $$;
+
+INSERT INTO rd.handler_fns (type, fn) VALUES
+	('booking.created', 'rd.h_booking_created'),
+	('booking.updated', 'rd.h_booking_updated'),
+	('attendee.updated', 'rd.h_attendee_updated'),
+	('booking.cancelled', 'rd.h_booking_cancelled'),
+	('contact.upserted', 'rd.h_contact_upserted'),
+	('contact.tagged', 'rd.h_contact_tagged'),
+	('contact.noted', 'rd.h_contact_noted'),
+	('field.defined', 'rd.h_field_defined');
+SELECT rd.rebuild_dispatch();
 
 -- ---- reporting views --------------------------------------------------------
 

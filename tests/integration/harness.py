@@ -14,6 +14,7 @@ import email
 import email.policy
 import glob
 import json
+import logging
 import os
 import re
 import secrets
@@ -34,6 +35,9 @@ SOURCE = os.environ.get("ROSTERD_SOURCE") or os.path.abspath(os.path.join(HERE, 
 SERVERS_SH = os.path.join(SOURCE, "tests", "fixture", "servers.sh")
 SINK_PY = os.path.join(SOURCE, "tests", "fixture", "smtp_sink.py")
 PYTHON = "/usr/bin/python3"
+
+# pika logs every broker-closed channel (passive declares of absent queues)
+logging.getLogger("pika").setLevel(logging.ERROR)
 
 SANITIZER_RE = re.compile(
     r"ERROR: (?:Address|Leak|Memory|Thread)Sanitizer|WARNING: ThreadSanitizer|runtime error:")
@@ -911,7 +915,8 @@ def _ini_value(v):
 
 def write_config(path, sections):
     """Write {section: {key: value}} as INI; None values are left out."""
-    with open(path, "w") as f:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
         for sec in list(SECTIONS) + [s for s in sections if s not in SECTIONS]:
             kv = sections.get(sec) or {}
             kv = {k: v for k, v in kv.items() if v is not None}
@@ -1000,7 +1005,7 @@ class Rosterd:
 
     READY_RE = re.compile(r"^<\d>\S+ ready(?:\s|$)", re.M)
     LINE_RE = re.compile(r"^<(\d)>(\S+) (\S+)(?: (.*))?$")
-    KV_RE = re.compile(r"([A-Za-z0-9_.\-]+)=(\S*)")
+    KV_RE = re.compile(r'([A-Za-z0-9_.\-]+)=("(?:[^"\\]|\\.)*"|\S*)')
 
     def __init__(self, config_path, log_path, env=None, args=(), binary=None, amqp=None,
                  queue=None, notify=None):
@@ -1064,7 +1069,10 @@ class Rosterd:
             if event is not None and m.group(3) != event:
                 continue
             d = {"level": int(m.group(1)), "instance": m.group(2), "event": m.group(3)}
-            d.update(dict(self.KV_RE.findall(m.group(4) or "")))
+            for k, v in self.KV_RE.findall(m.group(4) or ""):
+                if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
+                    v = re.sub(r'\\(.)', r'\1', v[1:-1])
+                d[k] = v
             out.append(d)
         return out
 

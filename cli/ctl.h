@@ -1,0 +1,34 @@
+/* ctl.h: what rosterctl's commands share: the parsed command line, the
+ * configuration, a database connection, one-line errors. Each command is a
+ * function `int ctl_<name>(struct ctl *c)` in its own file under cli/,
+ * listed in the table of rosterctl.c. */
+#ifndef RD_CTL_H
+#define RD_CTL_H
+
+#include <libpq-fe.h>
+#include <stdbool.h>
+
+#include "config.h"
+
+struct ctl {
+	const struct rd_config *cfg;
+	bool json;
+	int argc;     /* the command's own arguments */
+	char **argv;
+};
+
+/* "rosterctl: <message>" on stderr; returns 1 (the exit status). */
+int ctl_die(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* A blocking connection with the daemon's settings, or NULL (error printed). */
+PGconn *ctl_connect(struct ctl *c);
+/* Run a named statement of schema/queries with text parameters; NULL
+ * (error printed) unless it returned rows or a command status. */
+PGresult *ctl_query(PGconn *conn, const char *name, int n, const char *const *params);
+/* The value after option `name` (e.g. "--org") in the command's arguments,
+ * or NULL. */
+const char *ctl_opt(struct ctl *c, const char *name);
+
+int ctl_messages(struct ctl *c);
+int ctl_migrate(struct ctl *c);
+
+#endif
