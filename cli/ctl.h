@@ -30,5 +30,7 @@ const char *ctl_opt(struct ctl *c, const char *name);
 
 int ctl_messages(struct ctl *c);
 int ctl_migrate(struct ctl *c);
+int ctl_ledger(struct ctl *c);  /* cli/ledger.c */
+int ctl_outbox(struct ctl *c);  /* cli/outbox.c */
 
 #endif

@@ -135,9 +135,13 @@ int ctl_messages(struct ctl *c)
 }
 
 static const struct ctl_cmd cmds[] = {
+    {"ledger", "check [--org ORG]", "check that balances, transactions and invoices add up",
+     ctl_ledger},
     {"messages", "--org ORG [--limit N]", "recent message outcomes of an organisation",
      ctl_messages},
     {"migrate", "", "apply pending schema migrations", ctl_migrate},
+    {"outbox", "list|retry ...", "list queued, sent and failed mails; retry failed ones",
+     ctl_outbox},
 };
 
 static void usage(FILE *out)
