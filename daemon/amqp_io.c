@@ -933,7 +933,9 @@ enum rd_status rd_amqp_publish_dead(struct rd_amqp *a, const struct rd_delivery 
 	char rk[256];
 	rd_strlcpy(rk, original_routing_key(d), sizeof(rk));
 	int n;
-	amqp_table_entry_t *e = headers_copy(d, 4, &n);
+	amqp_table_entry_t *e = headers_copy(d, 5, &n);
+	if (d->retries > 0) /* how long it waited, for whoever reads the dead queue */
+		e[n++] = entry_i64("x-rosterd-retries", d->retries);
 	e[n++] = entry_str("x-rosterd-error", reason);
 	e[n++] = entry_str("x-rosterd-error-at", at);
 	e[n++] = entry_str("x-rosterd-routing-key", rk);
