@@ -25,6 +25,7 @@
 #define RD_AMQP_BACKOFF_MAX_MS 2000
 #define RD_CH 1        /* consumer channel; publisher confirm channel */
 #define RD_CH_STATUS 2 /* publisher channel for status documents, no confirms */
+#define RD_BODY_HARD_MAX (512ULL << 20) /* RabbitMQ's own limit is 128 MiB by default */
 
 struct conn {
 	const char *name;
@@ -355,10 +356,10 @@ static enum rd_status declare_topology(struct rd_amqp *a, struct rd_err *err)
 	    declare_exchange(st, cfg->dead_exchange, "fanout", err) ||
 	    declare_exchange(st, cfg->status_exchange, "fanout", err))
 		return RD_FAIL;
-	/* Messages the broker itself dead-letters (bodies too large to hold,
-	 * quorum delivery limit) also reach the dead exchange. */
-	amqp_table_entry_t dlx = entry_str("x-dead-letter-exchange", cfg->dead_exchange);
-	if (declare_queue(st, cfg, cfg->queue, &dlx, 1, err) ||
+	/* No extra arguments on the events queue: other tools (upstream
+	 * publishers, the benchmark scripts) declare it plainly, and a
+	 * different argument set would make their declarations fail. */
+	if (declare_queue(st, cfg, cfg->queue, NULL, 0, err) ||
 	    declare_queue(st, cfg, cfg->dead_queue, NULL, 0, err))
 		return RD_FAIL;
 	amqp_queue_bind(st, RD_CH, amqp_cstring_bytes(cfg->queue), amqp_cstring_bytes(cfg->exchange),
@@ -539,8 +540,14 @@ static void handle_frame(struct rd_amqp *a, amqp_frame_t *f)
 		} else {
 			d->headers = amqp_empty_table;
 		}
+		/* An oversize body is still read (one delivery is assembled at a
+		 * time, and the broker caps a message at its max_message_size),
+		 * so that it can be dead-lettered whole; only a body beyond
+		 * RD_BODY_HARD_MAX is refused unread. */
 		if (d->body_size > (uint64_t)a->cfg->max_message_bytes)
 			d->oversize = true;
+		if (d->body_size > RD_BODY_HARD_MAX)
+			d->unheld = true;
 		else if (d->body_size)
 			d->body = rd_xmalloc((size_t)d->body_size);
 		if (d->body_size == 0)
@@ -549,7 +556,7 @@ static void handle_frame(struct rd_amqp *a, amqp_frame_t *f)
 	}
 	if (f->frame_type == AMQP_FRAME_BODY) {
 		amqp_bytes_t frag = f->payload.body_fragment;
-		if (!d->oversize) {
+		if (!d->unheld) {
 			if (d->body_len + frag.len > d->body_size) {
 				consumer_lost(a, "body longer than announced");
 				return;

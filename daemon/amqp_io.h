@@ -31,10 +31,11 @@ struct rd_delivery {
 	char *content_type;    /* may be NULL */
 	amqp_table_t headers;  /* cloned into pool */
 	amqp_pool_t pool;
-	uint8_t *body;         /* NULL when oversize */
+	uint8_t *body;         /* NULL when unheld */
 	size_t body_len;
 	uint64_t body_size;    /* as announced by the broker */
-	bool oversize;         /* body_size > max_message_bytes: not buffered */
+	bool oversize;         /* body_size > max_message_bytes: rejected, body kept */
+	bool unheld;           /* too large to hold at all: body not buffered */
 	int retries;           /* x-rosterd-retries header, 0 when absent */
 	int64_t recv_us;       /* rd_mono_us() at arrival */
 };
@@ -67,8 +68,9 @@ bool rd_amqp_current(const struct rd_amqp *a, const struct rd_delivery *d);
 void rd_amqp_ack(struct rd_amqp *a, const struct rd_delivery *d);
 /* Return it to the queue (basic.nack requeue=true). */
 void rd_amqp_requeue(struct rd_amqp *a, const struct rd_delivery *d);
-/* Let the broker dead-letter it without its body (basic.reject, no
- * requeue): for bodies too large to hold. */
+/* basic.reject without requeue: the broker drops it, or dead-letters it
+ * when the queue has a dead-letter policy. Only for bodies too large to
+ * hold (see RD_BODY_HARD_MAX), which cannot be republished. */
 void rd_amqp_drop_to_dead(struct rd_amqp *a, const struct rd_delivery *d);
 
 /* Stop consuming (basic.cancel); deliveries already received stay ours. */

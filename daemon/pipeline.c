@@ -128,6 +128,15 @@ static void prepare_msg(struct rd_daemon *d, struct rd_msg *m)
 	struct rd_err err = {0};
 	const struct rd_delivery *dl = m->dl;
 
+	if (dl->oversize) {
+		/* not decoded at all: it goes to the dead queue whole */
+		char why[160];
+		snprintf(why, sizeof(why), "body of %llu bytes exceeds max_message_bytes %d",
+			 (unsigned long long)dl->body_size, d->cfg->max_message_bytes);
+		m->recordable = false;
+		set_reject(m, why);
+		return;
+	}
 	if (rd_decode_envelope(dl->body, dl->body_len, (size_t)d->cfg->max_message_bytes, &m->env,
 			       &err) != RD_OK) {
 		m->recordable = m->env.has_org && m->env.has_id;
@@ -165,13 +174,11 @@ void rd_pipeline_on_delivery(void *arg, struct rd_delivery *dl)
 		rd_delivery_free(dl);
 		return;
 	}
-	if (dl->oversize) {
-		/* Not buffered: the broker dead-letters it, body included. */
-		rd_log(LOG_WARNING, "msg.settled",
-		       "outcome=rejected tag=%llu reason=\"body of %llu bytes exceeds "
-		       "max_message_bytes %d\"",
-		       (unsigned long long)dl->tag, (unsigned long long)dl->body_size,
-		       d->cfg->max_message_bytes);
+	if (dl->unheld) {
+		rd_log(LOG_ERR, "msg.dropped",
+		       "tag=%llu reason=\"body of %llu bytes is too large to hold; rejected to the "
+		       "broker (dead-lettered only if the queue has a dead-letter policy)\"",
+		       (unsigned long long)dl->tag, (unsigned long long)dl->body_size);
 		d->n.rejected++;
 		rd_amqp_drop_to_dead(d->amqp, dl);
 		rd_delivery_free(dl);

@@ -280,8 +280,10 @@ def test_oversize_body_is_dead_lettered_unread(rosterd, publish, amqp, db):
     wait_for(lambda: outcomes(db).get(good["id"]) == "applied", 15)
     dead = amqp.get_dead(1)
     assert dead[0].body == pack(big)                       # body intact
-    assert dead[0].headers.get("x-death")                  # dead-lettered by the broker
+    assert "exceeds max_message_bytes" in dead[0].error
     assert rd.alive and "exceeds max_message_bytes" in rd.log_text()
+    # never decoded: no report.messages row, since org and id were not read
+    assert db.query("SELECT 1 FROM report.messages WHERE message_id = 'big-1'") == []
 
 
 def test_instances_start_together_migrate_once(rosterd, db, publish):
