@@ -21,7 +21,7 @@ cleanup() {
     kill -TERM "$ROSTERD_PID" 2>/dev/null || true
     wait "$ROSTERD_PID" 2>/dev/null || true
   fi
-  bash tests/fixture/servers.sh stop "$STATE" >/dev/null 2>&1 || true
+  bash tests/fixture/servers.sh stop "$STATE/servers" >/dev/null 2>&1 || true
   rm -rf "$STATE"
 }
 trap cleanup EXIT
