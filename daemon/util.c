@@ -13,8 +13,20 @@ enum rd_status rd_errf(struct rd_err *err, enum rd_status st, const char *fmt, .
 	if (err) {
 		va_list ap;
 		va_start(ap, fmt);
-		vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
+		int n = vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
 		va_end(ap);
+		/* cut at a character boundary, never inside a UTF-8 sequence */
+		if (n >= (int)sizeof(err->msg)) {
+			size_t len = sizeof(err->msg) - 1, i = len;
+			while (i > 0 && ((unsigned char)err->msg[i - 1] & 0xc0) == 0x80)
+				i--;
+			if (i > 0) {
+				unsigned char lead = (unsigned char)err->msg[i - 1];
+				size_t want = lead >= 0xf0 ? 4 : lead >= 0xe0 ? 3 : lead >= 0xc0 ? 2 : 1;
+				if (i - 1 + want > len)
+					err->msg[i - 1] = '\0';
+			}
+		}
 		err->st = st;
 		/* one line, always */
 		for (char *p = err->msg; *p; p++)
