@@ -418,14 +418,19 @@ enum rd_status rd_pg_start(struct rd_pg *pg, struct rd_err *err)
 	return pg->connected ? RD_OK : rd_errf(err, RD_FAIL, "postgres: no connection");
 }
 
-enum rd_status rd_pg_submit(struct rd_pg *pg, const struct rd_pg_stmt *stmts, int n,
+enum rd_status rd_pg_submit(struct rd_pg *pg, int conn, const struct rd_pg_stmt *stmts, int n,
 			    rd_pg_row_cb on_row, rd_pg_done_cb on_done, void *arg)
 {
 	struct rd_pgconn *c = NULL;
-	for (int i = 0; i < pg->nconns; i++) {
-		if (pg->conns[i].state == C_IDLE) {
-			c = &pg->conns[i];
-			break;
+	if (conn >= 0 && conn < pg->nconns) {
+		if (pg->conns[conn].state == C_IDLE)
+			c = &pg->conns[conn];
+	} else {
+		for (int i = 0; i < pg->nconns; i++) {
+			if (pg->conns[i].state == C_IDLE) {
+				c = &pg->conns[i];
+				break;
+			}
 		}
 	}
 	if (!c)
@@ -469,6 +474,21 @@ int rd_pg_busy(const struct rd_pg *pg)
 	for (int i = 0; i < pg->nconns; i++)
 		n += pg->conns[i].state == C_BUSY;
 	return n;
+}
+
+bool rd_pg_conn_idle(const struct rd_pg *pg, int i)
+{
+	return i >= 0 && i < pg->nconns && pg->conns[i].state == C_IDLE;
+}
+
+bool rd_pg_conn_up(const struct rd_pg *pg, int i)
+{
+	return i >= 0 && i < pg->nconns && pg->conns[i].state != C_DOWN;
+}
+
+int rd_pg_nconns(const struct rd_pg *pg)
+{
+	return pg->nconns;
 }
 
 bool rd_pg_connected(const struct rd_pg *pg)

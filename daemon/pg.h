@@ -40,10 +40,16 @@ void rd_pg_free(struct rd_pg *pg);
 enum rd_status rd_pg_start(struct rd_pg *pg, struct rd_err *err) RD_WUR;
 void rd_pg_set_config(struct rd_pg *pg, const struct rd_config *cfg);
 
-/* Hand a job to an idle connection. RD_OK when taken (callbacks follow
- * from the loop), RD_RETRY when no connection is idle. */
-enum rd_status rd_pg_submit(struct rd_pg *pg, const struct rd_pg_stmt *stmts, int n,
+/* Hand a job to connection `conn` (or to any idle one when conn < 0).
+ * RD_OK when taken (callbacks follow from the loop; on a send failure
+ * on_done(RD_FAIL) may run before this returns), RD_RETRY when that
+ * connection is not idle. */
+enum rd_status rd_pg_submit(struct rd_pg *pg, int conn, const struct rd_pg_stmt *stmts, int n,
 			    rd_pg_row_cb on_row, rd_pg_done_cb on_done, void *arg) RD_WUR;
+/* Is connection i up and idle (ready for a job) / up at all? */
+bool rd_pg_conn_idle(const struct rd_pg *pg, int i);
+bool rd_pg_conn_up(const struct rd_pg *pg, int i);
+int rd_pg_nconns(const struct rd_pg *pg);
 int rd_pg_idle(const struct rd_pg *pg);  /* connections ready for a job */
 int rd_pg_busy(const struct rd_pg *pg);  /* jobs in flight */
 bool rd_pg_connected(const struct rd_pg *pg);

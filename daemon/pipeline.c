@@ -32,6 +32,7 @@ struct rd_msg {
 	char *reject;            /* reason found before SQL, or NULL */
 	char *payload;           /* JSON text of the normalised data */
 	json_t *keys;            /* serialisation keys (without org) */
+	int part;                /* pending partition (by organisation) */
 	char at[24];
 	const char *params[7];
 	int fails;
@@ -42,6 +43,7 @@ struct rd_msg {
 
 struct rd_batch {
 	struct rd_daemon *d;
+	int part;
 	int n;
 	struct rd_msg **msgs;
 	char *lock_arr;
@@ -100,25 +102,41 @@ static void log_outcome(const struct rd_msg *m, const char *outcome, const char 
 
 /* ---- receiving --------------------------------------------------------- */
 
+/* FNV-1a of the organisation: every message of an organisation goes to the
+ * same partition, hence the same PostgreSQL connection. */
+static int part_of(const struct rd_daemon *d, const struct rd_msg *m)
+{
+	if (d->nparts <= 1 || !m->env.has_org)
+		return 0;
+	uint32_t h = 2166136261u;
+	for (const char *p = m->env.org; *p; p++)
+		h = (h ^ (unsigned char)*p) * 16777619u;
+	return (int)(h % (uint32_t)d->nparts);
+}
+
 static void pending_push(struct rd_daemon *d, struct rd_msg *m)
 {
+	struct rd_part *pt = &d->parts[m->part];
 	m->next = NULL;
-	if (d->pending_tail)
-		d->pending_tail->next = m;
+	if (pt->tail)
+		pt->tail->next = m;
 	else
-		d->pending_head = m;
-	d->pending_tail = m;
+		pt->head = m;
+	pt->tail = m;
+	pt->n++;
 	d->npending++;
 }
 
-/* Put msgs back at the head of pending, in their order. */
+/* Put msgs (all of one partition) back at the head, in their order. */
 static void pending_unshift(struct rd_daemon *d, struct rd_msg **msgs, int n)
 {
 	for (int i = n - 1; i >= 0; i--) {
-		msgs[i]->next = d->pending_head;
-		d->pending_head = msgs[i];
-		if (!d->pending_tail)
-			d->pending_tail = msgs[i];
+		struct rd_part *pt = &d->parts[msgs[i]->part];
+		msgs[i]->next = pt->head;
+		pt->head = msgs[i];
+		if (!pt->tail)
+			pt->tail = msgs[i];
+		pt->n++;
 		d->npending++;
 	}
 }
@@ -187,6 +205,7 @@ void rd_pipeline_on_delivery(void *arg, struct rd_delivery *dl)
 	struct rd_msg *m = rd_xcalloc(1, sizeof(*m));
 	m->dl = dl;
 	prepare_msg(d, m);
+	m->part = part_of(d, m);
 	pending_push(d, m);
 	rd_pipeline_flush(d);
 }
@@ -386,16 +405,18 @@ static void batch_done(void *arg, enum rd_status st, int idx, const char *msg)
 
 /* How many pending messages to take for one batch: a message that keeps
  * failing goes alone, so that it cannot hold others back. */
-static int batch_take(struct rd_daemon *d, struct rd_msg **out, int max)
+static int batch_take(struct rd_daemon *d, int part, struct rd_msg **out, int max)
 {
+	struct rd_part *pt = &d->parts[part];
 	int n = 0;
-	while (n < max && d->pending_head) {
-		struct rd_msg *m = d->pending_head;
+	while (n < max && pt->head) {
+		struct rd_msg *m = pt->head;
 		if (m->fails >= RD_MAX_BATCH_FAILS && n > 0)
 			break;
-		d->pending_head = m->next;
-		if (!d->pending_head)
-			d->pending_tail = NULL;
+		pt->head = m->next;
+		if (!pt->head)
+			pt->tail = NULL;
+		pt->n--;
 		d->npending--;
 		m->next = NULL;
 		out[n++] = m;
@@ -408,11 +429,11 @@ static int batch_take(struct rd_daemon *d, struct rd_msg **out, int max)
 	return n;
 }
 
-static void submit_batch(struct rd_daemon *d)
+static void submit_batch(struct rd_daemon *d, int part, int conn)
 {
 	int max = d->cfg->batch_size;
 	struct rd_msg **taken = rd_xcalloc((size_t)max, sizeof(*taken));
-	int n = batch_take(d, taken, max);
+	int n = batch_take(d, part, taken, max);
 
 	/* Messages with nothing to record (no valid org and id) settle now. */
 	struct rd_msg **local = rd_xcalloc((size_t)n + 1, sizeof(*local));
@@ -437,6 +458,7 @@ static void submit_batch(struct rd_daemon *d)
 
 	struct rd_batch *b = rd_xcalloc(1, sizeof(*b));
 	b->d = d;
+	b->part = part;
 	b->n = nsql;
 	b->msgs = taken;
 	b->stmts = rd_xcalloc((size_t)nsql + 1, sizeof(*b->stmts));
@@ -456,7 +478,7 @@ static void submit_batch(struct rd_daemon *d)
 		b->stmts[i + 1] = (struct rd_pg_stmt){"apply", 7, m->params};
 	}
 	d->inflight_batches++;
-	if (rd_pg_submit(d->pg, b->stmts, nsql + 1, batch_row, batch_done, b) != RD_OK) {
+	if (rd_pg_submit(d->pg, conn, b->stmts, nsql + 1, batch_row, batch_done, b) != RD_OK) {
 		/* no idle connection after all */
 		d->inflight_batches--;
 		pending_unshift(d, taken, nsql);
@@ -464,67 +486,101 @@ static void submit_batch(struct rd_daemon *d)
 	}
 }
 
+/* The connection for partition p: its own when up, else any idle one
+ * (only a question of lock waits: correctness never depends on it). */
+static int part_conn(struct rd_daemon *d, int p)
+{
+	int own = p % rd_pg_nconns(d->pg);
+	if (rd_pg_conn_up(d->pg, own))
+		return rd_pg_conn_idle(d->pg, own) ? own : -2;
+	for (int i = 0; i < rd_pg_nconns(d->pg); i++)
+		if (rd_pg_conn_idle(d->pg, i))
+			return i;
+	return -2;
+}
+
 void rd_pipeline_flush(struct rd_daemon *d)
 {
-	while (d->pending_head && rd_pg_idle(d->pg) > 0) {
-		/* A full batch goes at once, and so does anything when nothing
-		 * is in flight (light load: no waiting); otherwise give the
-		 * batch batch_wait_ms to fill. */
-		if (d->npending < d->cfg->batch_size && d->inflight_batches > 0 && !d->batch_due) {
-			if (!d->batch_timer_armed) {
-				struct timeval tv = {d->cfg->batch_wait_ms / 1000,
-						     (d->cfg->batch_wait_ms % 1000) * 1000};
-				d->batch_timer_armed = true;
-				event_add(d->batch_timer, &tv);
+	bool progress = true;
+	while (progress && d->npending > 0) {
+		progress = false;
+		for (int p = 0; p < d->nparts; p++) {
+			struct rd_part *pt = &d->parts[p];
+			if (pt->n == 0)
+				continue;
+			int conn = part_conn(d, p);
+			if (conn < 0)
+				continue;
+			/* A full batch goes at once, and so does anything when
+			 * nothing is in flight (light load: no waiting);
+			 * otherwise give the batch batch_wait_ms to fill. */
+			if (pt->n < d->cfg->batch_size && d->inflight_batches > 0 && !d->batch_due) {
+				if (!d->batch_timer_armed) {
+					struct timeval tv = {d->cfg->batch_wait_ms / 1000,
+							     (d->cfg->batch_wait_ms % 1000) * 1000};
+					d->batch_timer_armed = true;
+					event_add(d->batch_timer, &tv);
+				}
+				continue;
 			}
-			return;
+			int before = pt->n;
+			submit_batch(d, p, conn);
+			if (pt->n < before)
+				progress = true;
 		}
-		int before = d->npending;
 		d->batch_due = false;
-		submit_batch(d);
-		if (d->npending >= before)
-			return; /* nothing could be taken */
 	}
 }
 
 void rd_pipeline_init(struct rd_daemon *d)
 {
 	d->batch_timer = evtimer_new(d->base, batch_timer_cb, d);
+	d->nparts = d->cfg->connections < RD_MAX_PARTS ? d->cfg->connections : RD_MAX_PARTS;
+	if (d->nparts < 1)
+		d->nparts = 1;
 }
 
 void rd_pipeline_drop_stale(struct rd_daemon *d)
 {
-	struct rd_msg *keep_head = NULL, *keep_tail = NULL;
-	int n = 0;
-	while (d->pending_head) {
-		struct rd_msg *m = d->pending_head;
-		d->pending_head = m->next;
-		m->next = NULL;
-		if (rd_amqp_current(d->amqp, m->dl)) {
-			if (keep_tail)
-				keep_tail->next = m;
-			else
-				keep_head = m;
-			keep_tail = m;
-			n++;
-		} else {
-			msg_free(m);
+	for (int p = 0; p < d->nparts; p++) {
+		struct rd_part *pt = &d->parts[p];
+		struct rd_msg *keep_head = NULL, *keep_tail = NULL;
+		int n = 0;
+		while (pt->head) {
+			struct rd_msg *m = pt->head;
+			pt->head = m->next;
+			m->next = NULL;
+			if (rd_amqp_current(d->amqp, m->dl)) {
+				if (keep_tail)
+					keep_tail->next = m;
+				else
+					keep_head = m;
+				keep_tail = m;
+				n++;
+			} else {
+				msg_free(m);
+				d->npending--;
+			}
 		}
+		pt->head = keep_head;
+		pt->tail = keep_tail;
+		pt->n = n;
 	}
-	d->pending_head = keep_head;
-	d->pending_tail = keep_tail;
-	d->npending = n;
 }
 
 void rd_pipeline_requeue_pending(struct rd_daemon *d)
 {
-	while (d->pending_head) {
-		struct rd_msg *m = d->pending_head;
-		d->pending_head = m->next;
-		rd_amqp_requeue(d->amqp, m->dl);
-		msg_free(m);
+	for (int p = 0; p < d->nparts; p++) {
+		struct rd_part *pt = &d->parts[p];
+		while (pt->head) {
+			struct rd_msg *m = pt->head;
+			pt->head = m->next;
+			rd_amqp_requeue(d->amqp, m->dl);
+			msg_free(m);
+		}
+		pt->tail = NULL;
+		pt->n = 0;
 	}
-	d->pending_tail = NULL;
 	d->npending = 0;
 }
 
@@ -535,12 +591,17 @@ bool rd_pipeline_idle(const struct rd_daemon *d)
 
 void rd_pipeline_free(struct rd_daemon *d)
 {
-	while (d->pending_head) {
-		struct rd_msg *m = d->pending_head;
-		d->pending_head = m->next;
-		msg_free(m);
+	for (int p = 0; p < d->nparts; p++) {
+		struct rd_part *pt = &d->parts[p];
+		while (pt->head) {
+			struct rd_msg *m = pt->head;
+			pt->head = m->next;
+			msg_free(m);
+		}
+		pt->tail = NULL;
+		pt->n = 0;
 	}
-	d->pending_tail = NULL;
+	d->npending = 0;
 	if (d->batch_timer)
 		event_free(d->batch_timer);
 }
