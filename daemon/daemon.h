@@ -24,8 +24,10 @@ struct rd_outbox_counters {
 };
 
 #define RD_LAT_SAMPLES 4096
+#define RD_MAX_PARTS 64 /* [postgres] connections is at most 64 */
 
 struct rd_msg;
+struct rd_mail; /* mail.h: the mail workers (Step 4) */
 
 struct rd_daemon {
 	struct event_base *base;
@@ -38,13 +40,20 @@ struct rd_daemon {
 	int64_t started_us;
 	struct rd_counters n;
 	struct rd_outbox_counters outbox;
+	struct rd_mail *mail; /* mail workers (mail.c); they write `outbox` via the loop */
 
 	/* apply latency (receipt to settlement), microseconds, a ring */
 	uint32_t lat[RD_LAT_SAMPLES];
 	uint32_t nlat;
 
-	/* messages received and not yet handed to PostgreSQL */
-	struct rd_msg *pending_head, *pending_tail;
+	/* messages received and not yet handed to PostgreSQL, partitioned
+	 * by organisation: partition p runs on connection p, so batches of
+	 * one instance never wait for each other's locks */
+	struct rd_part {
+		struct rd_msg *head, *tail;
+		int n;
+	} parts[RD_MAX_PARTS];
+	int nparts;
 	int npending;
 	int inflight_batches;
 	struct event *batch_timer;
