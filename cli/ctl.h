@@ -32,5 +32,16 @@ int ctl_messages(struct ctl *c);
 int ctl_migrate(struct ctl *c);
 int ctl_ledger(struct ctl *c);  /* cli/ledger.c */
 int ctl_outbox(struct ctl *c);  /* cli/outbox.c */
+/* Step 5, admin: cli/contact.c, duplicates.c, merge.c, erase.c, export.c,
+ * import.c, dead.c, status.c */
+int ctl_contact(struct ctl *c);
+int ctl_duplicates(struct ctl *c);
+int ctl_merge(struct ctl *c);
+int ctl_unmerge(struct ctl *c);
+int ctl_erase(struct ctl *c);
+int ctl_export(struct ctl *c);
+int ctl_import(struct ctl *c);
+int ctl_dead(struct ctl *c);
+int ctl_status(struct ctl *c);
 
 #endif
