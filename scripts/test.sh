@@ -81,13 +81,28 @@ if [ $# -gt 0 ]; then
 else
 	say "unit tests and fuzzers (ctest -j$CTEST_JOBS)"
 	rc1=0
-	ctest --test-dir "$BUILD" --output-on-failure -LE integration -j "$CTEST_JOBS" || rc1=$?
+	ctest --test-dir "$BUILD" --output-on-failure -LE integration -j "$CTEST_JOBS" \
+		2>&1 | tee "$BUILD/ctest-unit.log" || rc1=$?
 	say "integration tests (serial)"
 	rc2=0
-	ctest --test-dir "$BUILD" --output-on-failure -L integration || rc2=$?
+	ctest --test-dir "$BUILD" --output-on-failure -L integration \
+		2>&1 | tee "$BUILD/ctest-integration.log" || rc2=$?
 	[ $rc1 = 0 ] || rc=$rc1
 	[ $rc2 = 0 ] || rc=$rc2
 	say "unit+fuzz: $([ $rc1 = 0 ] && echo passed || echo "FAILED ($rc1)"); integration: $([ $rc2 = 0 ] && echo passed || echo "FAILED ($rc2)")"
 fi
 say "$([ $rc = 0 ] && echo "ALL TESTS PASSED" || echo "TESTS FAILED (exit $rc)") in $(($(date +%s) - T0))s"
+# One closing line over both ctest runs, for CI: "tests: N passed, N failed"
+if [ $# -eq 0 ]; then
+	tot=0 bad=0
+	for f in "$BUILD/ctest-unit.log" "$BUILD/ctest-integration.log"; do
+		line=$(grep -E 'tests passed, [0-9]+ tests failed out of [0-9]+' "$f" | tail -1 || true)
+		n=$(echo "$line" | sed -nE 's/.* ([0-9]+) tests failed out of ([0-9]+).*/\2/p')
+		b=$(echo "$line" | sed -nE 's/.* ([0-9]+) tests failed out of ([0-9]+).*/\1/p')
+		if [ -z "$n" ]; then bad=$((bad + 1)); continue; fi
+		tot=$((tot + n)); bad=$((bad + b))
+	done
+	[ $rc = 0 ] || [ $bad -gt 0 ] || bad=1
+	echo "tests: $((tot > bad ? tot - bad : 0)) passed, $bad failed"
+fi
 exit $rc
