@@ -11,7 +11,7 @@ PACKAGES=(
   libsystemd-dev libinih-dev libcmocka-dev libjansson-dev libunistring-dev
   postgresql postgresql-contrib rabbitmq-server amqp-tools postfix
   python3 python3-pika python3-psycopg2 python3-msgpack python3-pytest
-  python3-aiosmtpd iproute2 procps psmisc openssl ca-certificates
+  python3-aiosmtpd iproute2 procps psmisc openssl ca-certificates systemd
 )
 
 missing=()
