@@ -37,6 +37,8 @@ struct rd_daemon {
 	struct rd_pg *pg;
 	enum rd_state state;
 	bool draining;
+	bool pg_started; /* migrations applied, pool started */
+	bool ready;      /* READY=1 sent */
 	int64_t started_us;
 	struct rd_counters n;
 	struct rd_outbox_counters outbox;
