@@ -13,7 +13,9 @@
  * INI_MAX_LINE (200) bytes, and an indented line continues the previous
  * key. The library would silently cut a longer line and would silently turn
  * an indented "key = value" into a continuation, so the line reader below
- * (read_line) refuses long lines and the handler refuses continuations. */
+ * (read_line) reads whole lines itself, hands inih a stand-in for the value
+ * of a long "key = value" line (keeping the value aside), and the handler
+ * refuses continuations. */
 #include "config.h"
 
 #include <errno.h>
@@ -364,7 +366,11 @@ struct parse_state {
 	int lineno;	   /* line last handed to inih */
 	bool indented;	   /* that line starts with a blank */
 	char prev_key[64]; /* previous key in this section, as inih has it */
+	char *long_value;  /* the value of a line too long for inih (see read_line) */
 };
+
+/* What inih gets instead of the value of a line longer than its buffer. */
+#define RD_CF_LONG_MARK "\x01rosterd-long-value\x01"
 
 static int fail_at(struct parse_state *ps)
 {
@@ -395,10 +401,29 @@ static char *read_line(char *str, int size, void *stream)
 		return NULL;
 	}
 	if (len + 1 >= (size_t)size) {
-		rd_errf(ps->err, RD_FAIL, "%s:%d: line longer than %d bytes", ps->path, ps->lineno,
-			size - 2);
-		fail_at(ps);
-		return NULL;
+		/* Longer than inih's buffer (a conninfo with certificate paths,
+		 * several broker URLs): inih parses "key = <mark>" and the
+		 * handler takes the value from here. Comment lines are passed
+		 * as an empty comment; anything else is refused. */
+		const char *t = ps->buf + strspn(ps->buf, " \t");
+		const char *eq = strchr(ps->buf, '=');
+		if (*t == ';' || *t == '#') {
+			rd_strlcpy(str, ";", (size_t)size);
+			return str;
+		}
+		if (!eq || *t == '[' || (size_t)(eq - ps->buf) + sizeof(RD_CF_LONG_MARK) + 4 >=
+						(size_t)size) {
+			rd_errf(ps->err, RD_FAIL, "%s:%d: line longer than %d bytes", ps->path,
+				ps->lineno, size - 2);
+			fail_at(ps);
+			return NULL;
+		}
+		free(ps->long_value);
+		ps->long_value = rd_xstrdup(eq + 1);
+		snprintf(str, (size_t)size, "%.*s= %s", (int)(eq - ps->buf), ps->buf,
+			 RD_CF_LONG_MARK);
+		ps->indented = ps->buf[0] == ' ' || ps->buf[0] == '\t';
+		return str;
 	}
 	ps->indented = ps->buf[0] == ' ' || ps->buf[0] == '\t';
 	/* inih forgets the previous key at a section line; so do we */
@@ -462,7 +487,15 @@ static int on_key(void *user, const char *section, const char *key, const char *
 	 * (INI_ALLOW_INLINE_COMMENTS); cut it here too in case the library
 	 * was built without (then "key = ; note" arrives as "; note"). A
 	 * literal " ;" in a value is therefore impossible. */
-	char *v = rd_xstrdup(value);
+	char *v;
+	if (strcmp(value, RD_CF_LONG_MARK) == 0 && ps->long_value) {
+		/* as inih would have: leading blanks stripped */
+		v = rd_xstrdup(ps->long_value + strspn(ps->long_value, " \t"));
+		free(ps->long_value);
+		ps->long_value = NULL;
+	} else {
+		v = rd_xstrdup(value);
+	}
 	for (char *p = v; *p; p++) {
 		if (*p == ';' && (p == v || p[-1] == ' ' || p[-1] == '\t')) {
 			*p = '\0';
@@ -499,6 +532,7 @@ static bool parse_file(struct rd_config *cfg, const char *path, struct rd_err *e
 	bool read_error = ferror(fp);
 	int saved = errno;
 	free(ps.buf);
+	free(ps.long_value);
 	fclose(fp);
 	/* inih keeps going after a syntax error and returns the first error's
 	 * line; an earlier syntax error wins over ours. */

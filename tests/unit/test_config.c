@@ -342,17 +342,30 @@ static void test_bad_values(void **state)
 static void test_long_line(void **state)
 {
 	(void)state;
-	char ini[512], path[64], want[200];
+	char ini[4096], path[64], want[200];
 	struct rd_err err = {0};
 
-	/* 198 bytes is the longest line inih (INI_MAX_LINE 200) takes whole */
-	int n = snprintf(ini, sizeof(ini), "[postgres]\nconninfo = host=%0*d\n", 198 - 16, 0);
-	assert_true(n > 0);
+	/* around inih's INI_MAX_LINE (200) and far beyond: values are whole */
+	static const int lens[] = {198, 199, 200, 1000, 3000};
+	for (size_t i = 0; i < sizeof(lens) / sizeof(lens[0]); i++) {
+		int n = snprintf(ini, sizeof(ini), "[postgres]\nconninfo = host=%0*d ; note\n",
+				 lens[i] - 16, 0);
+		assert_true(n > 0);
+		struct rd_config *c = load_ok(ini);
+		assert_int_equal(strlen(c->conninfo), (size_t)lens[i] - 11);
+		assert_int_equal(c->conninfo[0], 'h');
+		rd_config_free(c);
+	}
+	/* a long comment line is a comment */
+	snprintf(ini, sizeof(ini), "[postgres]\n; %0*d\nconnections = 3\n", 500, 0);
 	struct rd_config *c = load_ok(ini);
-	assert_int_equal(strlen(c->conninfo), 198 - 11);
+	assert_int_equal(c->connections, 3);
 	rd_config_free(c);
-
-	snprintf(ini, sizeof(ini), "[postgres]\nconninfo = host=%0*d\n", 199 - 16, 0);
+	/* a long line must still be "key = value" of a known key */
+	snprintf(ini, sizeof(ini), "[postgres]\nconninfoo = %0*d\n", 300, 0);
+	assert_null(load_text(ini, &err, path, sizeof(path)));
+	assert_non_null(strstr(err.msg, "unknown key [postgres] conninfoo"));
+	snprintf(ini, sizeof(ini), "[postgres]\n%0*d\n", 300, 0);
 	assert_null(load_text(ini, &err, path, sizeof(path)));
 	snprintf(want, sizeof(want), "%s:2: line longer than 198 bytes", path);
 	assert_string_equal(err.msg, want);
