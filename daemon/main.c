@@ -15,6 +15,7 @@
 
 #include "daemon.h"
 #include "log.h"
+#include "mail.h"
 
 static void usage(FILE *out)
 {
@@ -83,11 +84,28 @@ static void watchdog_cb(evutil_socket_t fd, short what, void *arg)
 	sd_notify(0, "WATCHDOG=1");
 }
 
+/* Ready: PostgreSQL migrated and the consumer consuming (once). */
+static void mark_ready(struct rd_daemon *d)
+{
+	if (d->ready)
+		return;
+	d->ready = true;
+	d->state = RD_ST_DEGRADED;
+	update_state(d);
+	rd_log(LOG_NOTICE, "ready", "instance=%s version=%s queue=%s prefetch=%d batch_size=%d",
+	       d->cfg->instance, ROSTERD_VERSION, d->cfg->queue, d->cfg->prefetch,
+	       d->cfg->batch_size);
+	sd_notify(0, "READY=1");
+	publish_status(d);
+}
+
 static void on_amqp_state(void *arg, bool up)
 {
 	struct rd_daemon *d = arg;
 	if (!up)
 		rd_pipeline_drop_stale(d);
+	else if (d->pg_started)
+		mark_ready(d);
 	update_state(d);
 }
 
@@ -127,6 +145,8 @@ static void start_drain(struct rd_daemon *d)
 	d->state = RD_ST_DRAINING;
 	rd_amqp_cancel(d->amqp);
 	rd_pipeline_requeue_pending(d);
+	/* mail workers: take no new rows, finish the sessions in progress */
+	rd_mail_drain(d->mail, rd_mono_us() + (int64_t)d->cfg->drain_timeout * 1000000);
 	struct timeval tv = {d->cfg->drain_timeout, 0};
 	d->ev_drain_deadline = evtimer_new(d->base, drain_deadline_cb, d);
 	event_add(d->ev_drain_deadline, &tv);
@@ -174,6 +194,7 @@ static void sighup_cb(evutil_socket_t sig, short what, void *arg)
 	d->cfg = merged;
 	rd_amqp_set_config(d->amqp, merged);
 	rd_pg_set_config(d->pg, merged);
+	rd_mail_set_config(d->mail, merged); /* mail workers: reloadable [smtp] keys */
 	rd_log_set_level(merged->log_level);
 	rd_config_free(old);
 	arm_status(d);
@@ -201,15 +222,14 @@ static void start_cb(evutil_socket_t fd, short what, void *arg)
 		event_add(d->ev_start, &tv);
 		return;
 	}
-	if (rd_amqp_start(d->amqp, &err) != RD_OK)
+	rd_mail_start(d->mail); /* mail workers, once the schema is migrated */
+	d->pg_started = true;
+	if (rd_amqp_start(d->amqp, &err) != RD_OK) {
+		/* the consumer keeps trying in the background; ready when it is in */
 		rd_log(LOG_WARNING, "start.waiting", "for=amqp error=\"%s\"", err.msg);
-	d->state = RD_ST_DEGRADED;
-	update_state(d);
-	rd_log(LOG_NOTICE, "ready", "instance=%s version=%s queue=%s prefetch=%d batch_size=%d",
-	       d->cfg->instance, ROSTERD_VERSION, d->cfg->queue, d->cfg->prefetch,
-	       d->cfg->batch_size);
-	sd_notify(0, "READY=1");
-	publish_status(d);
+		return;
+	}
+	mark_ready(d);
 }
 
 static void warn_config_mode(const char *path)
@@ -283,6 +303,14 @@ int main(int argc, char **argv)
 	static struct rd_daemon dmn;
 	struct rd_daemon *d = &dmn;
 	d->base = event_base_new();
+	/* mail workers (started in start_cb); a bad [smtp] setting stops here */
+	d->mail = rd_mail_new(d->base, cfg, &d->outbox, &err);
+	if (!d->mail) {
+		rd_log(LOG_ERR, "start.failed", "error=\"%s\"", err.msg);
+		event_base_free(d->base);
+		rd_config_free(cfg);
+		return 1;
+	}
 	d->cfg = cfg;
 	d->config_path = path;
 	d->state = RD_ST_STARTING;
@@ -318,6 +346,14 @@ int main(int argc, char **argv)
 	rd_log(LOG_NOTICE, "stop", "received=%llu applied=%llu duplicate=%llu rejected=%llu",
 	       (unsigned long long)d->n.received, (unsigned long long)d->n.applied,
 	       (unsigned long long)d->n.duplicate, (unsigned long long)d->n.rejected);
+
+	/* mail workers: join them (until the drain deadline); one stuck on a
+	 * stalled server is left behind: exit without freeing what it uses */
+	if (!rd_mail_stop(d->mail)) {
+		rd_log(LOG_WARNING, "exit", "reason=mail_workers_busy code=%d", d->exit_code);
+		_exit(d->exit_code);
+	}
+	rd_mail_free(d->mail);
 
 	/* free everything: sanitizer builds check for leaks */
 	rd_pipeline_free(d);

@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../daemon/template.h"
+
 #define H_ID_MAX 128	 /* upstream ids: bookings, offers, invoices ... */
 #define H_TEXT_MAX 10000 /* notes, transaction texts */
 #define TITLE_MAX 1000	 /* names, titles, subjects, labels */
@@ -197,6 +199,29 @@ static enum rd_status check_contact_merged(const json_t *p, struct rd_err *err)
 	return RD_OK;
 }
 
+/* SPEC 4.8: a template with an unknown placeholder is rejected, naming it
+ * (the grammar is daemon/template.c; SQL checks the same). Step 4. */
+static enum rd_status check_template_upserted(const json_t *p, struct rd_err *err)
+{
+	static const char *const keys[] = {"subject", "body"};
+	for (size_t i = 0; i < 2; i++) {
+		const json_t *v = json_object_get(p, keys[i]);
+		char bad[120];
+		if (!json_is_string(v))
+			continue;
+		switch (rd_tpl_check(json_string_value(v), json_string_length(v), bad, sizeof(bad))) {
+		case RD_TPL_OK:
+			break;
+		case RD_TPL_UNKNOWN:
+			return rd_errf(err, RD_REJECT, "data.%s: unknown placeholder %s", keys[i], bad);
+		case RD_TPL_UNTERMINATED:
+			return rd_errf(err, RD_REJECT, "data.%s: unterminated placeholder \"%s\"",
+				       keys[i], bad);
+		}
+	}
+	return RD_OK;
+}
+
 #define ROW(type, fields, flags, check)                                                            \
 	{                                                                                          \
 		type, fields, NF(fields), flags, check                                             \
@@ -221,7 +246,7 @@ static const struct rd_handler handlers[] = {
     ROW("offer.upserted", offer_upserted, 0, NULL),
     ROW("org.configured", org_configured, 0, NULL),
     ROW("payment.recorded", payment_recorded, RD_H_MAIL, NULL),
-    ROW("template.upserted", template_upserted, 0, NULL),
+    ROW("template.upserted", template_upserted, 0, check_template_upserted),
     ROW("transaction.recorded", transaction_recorded, 0, NULL),
 };
 

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# mail_bench.sh - mails per second delivered by rosterd's mail workers to
+# Postfix's smtp-sink, next to smtp-source pushing the same number of mails
+# of the same size to the same sink with as many sessions as rosterd has
+# workers (LIMITS.md: delivery >= 50 % of smtp-source's rate).
+#
+#   bash bench/mail_bench.sh [BUILD_DIR]    (default: build)
+#
+# Environment: MAILS (default 20000), WORKERS (default 4), SIZE (bytes of
+# body, default 2048), ROSTERD_SERVERS (a tests/fixture/servers.sh
+# directory to reuse; otherwise private servers are started and stopped).
+# The outbox rows are inserted in one transaction while rosterd idles; the
+# time runs from that commit until every row is `sent`.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+BUILD=${1:-$HERE/build}
+MAILS=${MAILS:-20000}
+WORKERS=${WORKERS:-4}
+SIZE=${SIZE:-2048}
+ROSTERD=$BUILD/rosterd
+[ -x "$ROSTERD" ] || { echo "mail_bench: no $ROSTERD (build first)" >&2; exit 1; }
+command -v smtp-sink >/dev/null || { echo "mail_bench: smtp-sink missing (apt-get install postfix)" >&2; exit 1; }
+
+TMP=$(mktemp -d /tmp/rosterd-mailbench.XXXXXX)
+SRV=${ROSTERD_SERVERS:-}
+OWN_SERVERS=0
+SINK_PID=""
+RD_PID=""
+cleanup() {
+	[ -n "$RD_PID" ] && kill "$RD_PID" 2>/dev/null && wait "$RD_PID" 2>/dev/null || true
+	[ -n "$SINK_PID" ] && kill "$SINK_PID" 2>/dev/null && wait "$SINK_PID" 2>/dev/null || true
+	if [ "$OWN_SERVERS" = 1 ]; then bash "$HERE/tests/fixture/servers.sh" stop "$SRV" >/dev/null 2>&1 || true; fi
+	rm -rf "$TMP"
+}
+trap cleanup EXIT
+if [ -z "$SRV" ]; then
+	SRV=$TMP/servers
+	OWN_SERVERS=1
+	bash "$HERE/tests/fixture/servers.sh" start "$SRV" >/dev/null
+fi
+set -a
+# shellcheck disable=SC1091
+. "$SRV/env"
+set +a
+PSQL="$PG_BIN/psql -h $PGHOST -p $PGPORT -U ${PGUSER:-postgres} -XAtq"
+DB=rd_mailbench_$$
+$PSQL -d postgres -c "CREATE DATABASE $DB"
+trap 'cleanup; $PSQL -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true' EXIT
+
+PORT=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+smtp-sink -u nobody 127.0.0.1:"$PORT" 1024 &
+SINK_PID=$!
+sleep 0.5
+
+# the same mails with smtp-source, WORKERS sessions reusing connections
+t0=$(date +%s.%N)
+smtp-source -d -s "$WORKERS" -l "$SIZE" -m "$MAILS" -f bench@example.org -t rcpt@example.org 127.0.0.1:"$PORT"
+t1=$(date +%s.%N)
+SRC_RATE=$(echo "$MAILS / ($t1 - $t0)" | bc -l)
+
+cat >"$TMP/rosterd.conf" <<EOF
+[daemon]
+instance = mailbench
+log_level = notice
+[amqp]
+url = $AMQP_URL
+queue = mailbench.$$.events
+exchange = mailbench.$$.events
+retry_queue = mailbench.$$.retry
+dead_exchange = mailbench.$$.dead
+dead_queue = mailbench.$$.dead
+status_exchange = mailbench.$$.status
+[postgres]
+conninfo = host=$PGHOST port=$PGPORT dbname=$DB user=${PGUSER:-postgres}
+[smtp]
+host = 127.0.0.1
+port = $PORT
+workers = $WORKERS
+timeout = 30
+EOF
+chmod 600 "$TMP/rosterd.conf"
+"$ROSTERD" -c "$TMP/rosterd.conf" 2>"$TMP/rosterd.log" &
+RD_PID=$!
+for _ in $(seq 100); do grep -q " ready " "$TMP/rosterd.log" && break; sleep 0.1; done
+grep -q " ready " "$TMP/rosterd.log" || { cat "$TMP/rosterd.log" >&2; exit 1; }
+
+LINES=$(( SIZE / 72 + 1 ))
+$PSQL -d "$DB" <<EOF
+INSERT INTO rd.orgs (org, name, mail_from, message_id) VALUES ('bench', 'Bench', 'Bench <bench@example.org>', 'x');
+INSERT INTO rd.contacts (org, email, first_name) VALUES ('bench', 'rcpt@example.org', 'Rcpt');
+EOF
+t0=$(date +%s.%N)
+$PSQL -d "$DB" <<EOF
+BEGIN;
+INSERT INTO rd.outbox (org, contact_id, template, language, from_address, to_name, to_address,
+		       subject, body, message_id)
+SELECT 'bench', c.contact_id, 'bench', 'en', 'Bench <bench@example.org>', 'Rcpt', c.email,
+       'Bench mail ' || g, repeat(repeat('x', 71) || E'\n', $LINES), '<' || g || '.bench@example.org>'
+  FROM rd.contacts c, generate_series(1, $MAILS) g WHERE c.org = 'bench';
+NOTIFY rd_outbox;
+COMMIT;
+EOF
+while :; do
+	left=$($PSQL -d "$DB" -c "SELECT count(*) FROM rd.outbox WHERE status <> 'sent'")
+	[ "$left" = 0 ] && break
+	sleep 0.05
+done
+t1=$(date +%s.%N)
+RD_RATE=$(echo "$MAILS / ($t1 - $t0)" | bc -l)
+printf 'mails=%d size=%d workers/sessions=%d\n' "$MAILS" "$SIZE" "$WORKERS"
+printf 'smtp-source -> smtp-sink: %8.0f mails/s\n' "$SRC_RATE"
+printf 'rosterd     -> smtp-sink: %8.0f mails/s (%.0f %% of smtp-source)\n' "$RD_RATE" \
+	"$(echo "100 * $RD_RATE / $SRC_RATE" | bc -l)"
