@@ -75,6 +75,17 @@ static void printable_copy(char *out, size_t outsize, const char *s, size_t len)
 		unsigned char c = (unsigned char)s[i];
 		out[o++] = (c >= 0x20 && c != 0x7f) ? (char)c : '?';
 	}
+	/* the excerpt is cut by bytes: never end inside a UTF-8 sequence (the
+	 * text is quoted in a one-line reason that must stay valid UTF-8) */
+	size_t k = o;
+	while (k > 0 && ((unsigned char)out[k - 1] & 0xc0) == 0x80)
+		k--;
+	if (k > 0 && ((unsigned char)out[k - 1] & 0xc0) == 0xc0) {
+		unsigned char lead = (unsigned char)out[k - 1];
+		size_t want = lead >= 0xf0 ? 4 : lead >= 0xe0 ? 3 : 2;
+		if (o - (k - 1) < want)
+			o = k - 1;
+	}
 	out[o] = '\0';
 }
 

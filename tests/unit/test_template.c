@@ -111,6 +111,15 @@ static void test_check_templates(void **state)
 	char bad[16];
 	assert_int_equal(rd_tpl_check(big, sizeof(big), bad, sizeof(bad)), RD_TPL_UNKNOWN);
 	assert_int_equal(strlen(bad), sizeof(bad) - 1);
+	/* cut inside a UTF-8 sequence (found by fuzz_decode): the excerpt ends
+	 * before the character, so the reason stays valid UTF-8 */
+	const char *u = "{{ab\xc3\xbc\xc3\xbc";
+	char ub[5]; /* room for "{{ab" + half of the first u-umlaut */
+	assert_int_equal(rd_tpl_check(u, strlen(u), ub, sizeof(ub)), RD_TPL_UNTERMINATED);
+	assert_string_equal(ub, "{{ab");
+	char ub2[7]; /* "{{ab" + one whole character */
+	assert_int_equal(rd_tpl_check(u, strlen(u), ub2, sizeof(ub2)), RD_TPL_UNTERMINATED);
+	assert_string_equal(ub2, "{{ab\xc3\xbc");
 }
 
 /* ---- headers ---- */
