@@ -112,6 +112,7 @@ static const struct rd_cf_row rd_config_keys[] = {
 	CF_INT("smtp", "mail_retry_base_ms", mail_retry_base_ms, 60000, 1, 86400000, RD_CF_RELOAD),
 	CF_INT("smtp", "mail_lifetime", mail_lifetime, 432000, 60, 31536000, RD_CF_RELOAD),
 	CF_INT("smtp", "timeout", smtp_timeout, 30, 1, 3600, RD_CF_RELOAD),
+	CF_STR("smtp", "ca_file", smtp_ca_file, "", 0),
 };
 /* clang-format on */
 

@@ -61,6 +61,7 @@ struct rd_config {
 	int mail_retry_base_ms;
 	int mail_lifetime;         /* s */
 	int smtp_timeout;          /* s, per SMTP command */
+	char *smtp_ca_file;        /* CA bundle for STARTTLS; "" = system store */
 };
 
 /* Load path (NULL: RD_CONFIG_DEFAULT_PATH), apply environment overrides,

@@ -26,6 +26,8 @@
  * POSIX timer that sends RD_MAIL_SIG to the worker (no SA_RESTART: the
  * connect fails with EINTR), re-fired every 100 ms until the session is
  * connected. Draining fires it at once for workers still connecting. */
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include "mail.h"
 
 #include <auth-client.h>
@@ -134,6 +136,13 @@ struct rd_mail {
 	bool draining, started, auth_init;
 	int nworkers;
 	struct worker *w;
+	/* STARTTLS: our own context, handed to every session. libesmtp 1.1
+	 * frees the context of a session when the session is destroyed, and
+	 * its built-in default context is a process-wide one: the second
+	 * session after a first one that negotiated TLS used freed memory
+	 * (ASan: heap-use-after-free in SSL_new). smtp_starttls_set_ctx takes
+	 * a reference of its own, so this one lives until rd_mail_free. */
+	SSL_CTX *tls;
 };
 
 static const char *const worker_stmts[] = {"outbox_claim", "outbox_renew", "outbox_record",
@@ -600,6 +609,8 @@ static void deliver(struct worker *w, struct job *jobs, int n)
 		smtp_set_timeout(s, which[i] | Timeout_OVERRIDE_RFC2822_MINIMUM, t);
 	smtp_set_eventcb(s, event_cb, w);
 	smtp_set_monitorcb(s, monitor_cb, w, 0);
+	if (m->tls)
+		smtp_starttls_set_ctx(s, m->tls);
 	smtp_starttls_enable(s, m->cfg->starttls == RD_STARTTLS_REQUIRE ? Starttls_REQUIRED
 				: m->cfg->starttls == RD_STARTTLS_TRY	? Starttls_ENABLED
 									: Starttls_DISABLED);
@@ -927,6 +938,30 @@ static void *worker_main(void *arg)
 
 /* ---- the module ---- */
 
+/* The STARTTLS context: TLS 1.2 or later, the server's certificate checked
+ * against [smtp] ca_file or the system store (libesmtp then checks the
+ * verification result and the host name, see event_cb). */
+static bool tls_context(struct rd_mail *m, const struct rd_config *cfg, struct rd_err *err)
+{
+	m->tls = SSL_CTX_new(TLS_client_method());
+	if (!m->tls) {
+		rd_errf(err, RD_FAIL, "[smtp] starttls: cannot create a TLS context");
+		return false;
+	}
+	SSL_CTX_set_min_proto_version(m->tls, TLS1_2_VERSION);
+	int ok = cfg->smtp_ca_file && cfg->smtp_ca_file[0]
+		     ? SSL_CTX_load_verify_locations(m->tls, cfg->smtp_ca_file, NULL)
+		     : SSL_CTX_set_default_verify_paths(m->tls);
+	if (ok != 1) {
+		unsigned long e = ERR_get_error();
+		rd_errf(err, RD_FAIL, "[smtp] ca_file %s: %s",
+			cfg->smtp_ca_file && cfg->smtp_ca_file[0] ? cfg->smtp_ca_file : "(system store)",
+			e ? ERR_reason_error_string(e) : "cannot load");
+		return false;
+	}
+	return true;
+}
+
 struct rd_mail *rd_mail_new(struct event_base *base, const struct rd_config *cfg,
 			    struct rd_outbox_counters *counters, struct rd_err *err)
 {
@@ -954,6 +989,10 @@ struct rd_mail *rd_mail_new(struct event_base *base, const struct rd_config *cfg
 	m->retry_base_ms = cfg->mail_retry_base_ms;
 	m->lifetime_s = cfg->mail_lifetime;
 	m->timeout_s = cfg->smtp_timeout;
+	if (cfg->starttls != RD_STARTTLS_NO && !tls_context(m, cfg, err)) {
+		rd_mail_free(m);
+		return NULL;
+	}
 	m->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	m->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	if (m->efd < 0 || m->wakefd < 0) {
@@ -1108,6 +1147,8 @@ void rd_mail_free(struct rd_mail *m)
 		memset(m->password, 0, strlen(m->password));
 		free(m->password);
 	}
+	if (m->tls)
+		SSL_CTX_free(m->tls);
 	rd_config_free(m->cfg);
 	free(m);
 }

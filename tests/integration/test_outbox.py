@@ -565,6 +565,29 @@ def test_starttls_require_with_trusted_certificate(rosterd, publish, db, smtp_tl
     wait_status(db, "sent", 1)
 
 
+def test_starttls_sessions_one_after_another(rosterd, publish, db, smtp_tls):
+    """Each mail in its own TLS session, the CA from [smtp] ca_file. libesmtp
+    1.1 freed its shared default TLS context with the first session: the
+    second one then used freed memory (ASan report, lost mail)."""
+    rosterd(starttls="require", smtp_host="localhost", smtp_port=smtp_tls.port,
+            smtp={"timeout": 2, "ca_file": smtp_tls.cert})
+    prepare(publish, db)
+    for i in range(1, 4):
+        publish(booking_msg("B%d" % i, "a%d@example.org" % i))
+        wait_status(db, "sent", i)
+    tos = sorted(m.rcpt_tos[0] for m in smtp_tls.mails())
+    assert tos == ["a1@example.org", "a2@example.org", "a3@example.org"]
+    assert all(m.tls for m in smtp_tls.mails())
+
+
+def test_starttls_bad_ca_file_stops_the_start(rosterd, tmp_path):
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    rd = rosterd(wait=False, starttls="require", smtp={"ca_file": str(bad)})
+    assert rd.wait_exit(20) != 0
+    assert "[smtp] ca_file" in rd.log_text()
+
+
 def test_starttls_try_takes_any_certificate(rosterd, publish, db, smtp_tls):
     rosterd(starttls="try", smtp_port=smtp_tls.port, smtp={"timeout": 2})
     prepare(publish, db)
