@@ -1,7 +1,8 @@
 /* migrations.c: applies the embedded schema migrations, each once, in
  * version order, each in its own transaction, holding a session advisory
  * lock so that instances starting together take turns: the first applies,
- * the others find nothing left to do. Also looks up named statements. */
+ * the others find nothing left to do; then secures what is there (row-level
+ * security and grants, docs/security.md). Also looks up named statements. */
 #include "migrations.h"
 
 #include <stdio.h>
@@ -111,6 +112,11 @@ enum rd_status rd_migrate(PGconn *conn, struct rd_err *err)
 			break;
 		rd_log(LOG_NOTICE, "schema.migrated", "version=%d name=%s", m->version, m->name);
 	}
+	/* Row-level security, policies and grants on every table and view,
+	 * including those of the migrations just applied (0007_security.sql).
+	 * Idempotent: DDL only where something is missing. */
+	if (st == RD_OK)
+		st = exec_ok(conn, "SELECT rd.secure_tables()", err, "rd.secure_tables");
 	struct rd_err uerr;
 	if (exec_ok(conn, "SELECT pg_advisory_unlock(" RD_MIGRATE_LOCK ")", &uerr, "unlock") &&
 	    st == RD_OK)
