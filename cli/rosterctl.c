@@ -179,7 +179,7 @@ int ctl_messages(struct ctl *c)
 	}
 	if (!org)
 		return ctl_die("messages: --org ORG is required");
-	PGconn *conn = ctl_connect(c);
+	PGconn *conn = ctl_connect_reader(c);
 	if (!conn)
 		return 1;
 	const char *params[2] = {org, limit};
