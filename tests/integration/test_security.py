@@ -151,6 +151,10 @@ def test_flow_as_app_role_then_isolation(sec, rosterd, publish, db, smtp):
                      " WHERE oid = 'rd.messages'::regclass") == db.role
     assert db.query1("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND usename = %s",
                      db.name, sec.app) >= 1
+    # one line says what the migrator secured, and that no group role is missing
+    secured = rd.log_events("schema.secured")
+    assert [e["rls_tables"] for e in secured] == [str(len(org_tables(db)))]
+    assert "roles_missing" not in secured[0]
 
     msgs = flow("A", "B1", "anna@a.example", "ben@a.example") + \
         flow("B", "B9", "zoe@b.example", "max@b.example")
