@@ -19,8 +19,18 @@ struct ctl {
 
 /* "rosterctl: <message>" on stderr; returns 1 (the exit status). */
 int ctl_die(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-/* A blocking connection with the daemon's settings, or NULL (error printed). */
+/* A blocking connection as the schema's owner ([postgres] migrate_conninfo,
+ * or conninfo when that is empty), or NULL (error printed). With --org ORG
+ * among the command's arguments, the session works in ORG (rd.org: row-level
+ * security, docs/security.md). */
 PGconn *ctl_connect(struct ctl *c);
+/* The same, read-only: the session acts as rosterd_reader (SET ROLE, when
+ * the login is a member) with default_transaction_read_only on. For
+ * exports and other commands that only read. */
+PGconn *ctl_connect_reader(struct ctl *c);
+/* Commands without --org: true when this session sees every organisation,
+ * else false with a one-line error naming `what` printed. */
+bool ctl_sees_all_orgs(PGconn *conn, const char *what);
 /* Run a named statement of schema/queries with text parameters; NULL
  * (error printed) unless it returned rows or a command status. */
 PGresult *ctl_query(PGconn *conn, const char *name, int n, const char *const *params);

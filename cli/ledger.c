@@ -149,6 +149,10 @@ static int ledger_check(struct ctl *c, const char *org)
 	PGconn *conn = ctl_connect(c);
 	if (!conn)
 		return LEDGER_CANNOT;
+	if (!org && !ctl_sees_all_orgs(conn, "ledger check")) {
+		PQfinish(conn);
+		return LEDGER_CANNOT;
+	}
 	const char *params[1] = {org};
 	PGresult *mm = NULL, *tot = NULL;
 	int rc = LEDGER_CANNOT;

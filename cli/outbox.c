@@ -62,6 +62,10 @@ static int outbox_list(struct ctl *c)
 	PGconn *conn = ctl_connect(c);
 	if (!conn)
 		return 1;
+	if (!org && !ctl_sees_all_orgs(conn, "outbox list")) {
+		PQfinish(conn);
+		return 1;
+	}
 	const char *params[4] = {org, contact, status, limit};
 	PGresult *res = ctl_query(conn, "ctl_outbox_list", 4, params);
 	if (!res) {

@@ -3,6 +3,7 @@
  * terminal by default and JSON with --json. Errors are one line on stderr
  * and a non-zero exit. */
 #include <getopt.h>
+#include <stdbool.h>
 #include <stdarg.h>
 #include <jansson.h>
 #include <libpq-fe.h>
@@ -34,13 +35,92 @@ int ctl_die(const char *fmt, ...)
 	return 1;
 }
 
-PGconn *ctl_connect(struct ctl *c)
+/* Run one statement with text parameters; false (error printed) unless it
+ * returned rows or a command status. */
+static bool ctl_exec(PGconn *conn, const char *sql, int n, const char *const *params,
+		     const char *what)
+{
+	PGresult *res = PQexecParams(conn, sql, n, NULL, params, NULL, NULL, 0);
+	ExecStatusType st = PQresultStatus(res);
+	bool ok = st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK;
+	if (!ok) {
+		char msg[512];
+		rd_strlcpy(msg, PQresultErrorMessage(res), sizeof(msg));
+		msg[strcspn(msg, "\n")] = '\0';
+		ctl_die("%s: %s", what, msg);
+	}
+	PQclear(res);
+	return ok;
+}
+
+/* Row-level security (docs/security.md): rows are visible while rd.org
+ * names their organisation. A command given --org ORG works in ORG for the
+ * whole session; without it, only a login that sees every organisation
+ * (the owner, rosterd_admin) finds anything. */
+static PGconn *ctl_connect_as(struct ctl *c, bool reader)
 {
 	struct rd_err err = {0};
-	PGconn *conn = rd_pg_connect_blocking(c->cfg, &err);
-	if (!conn)
+	PGconn *conn = rd_pg_connect_migrator(c->cfg, &err);
+	if (!conn) {
 		ctl_die("%s", err.msg);
+		return NULL;
+	}
+	const char *org = ctl_opt(c, "--org");
+	bool ok = true;
+	if (reader) {
+		/* The login (the owner's) acts as rosterd_reader when it may;
+		 * in a database whose owner could not be given that role, the
+		 * read-only session below is what remains. */
+		PGresult *res = PQexec(conn, "SELECT pg_has_role(current_user,"
+					     " to_regrole('rosterd_reader'), 'MEMBER')");
+		bool member = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 &&
+			      strcmp(PQgetvalue(res, 0, 0), "t") == 0;
+		PQclear(res);
+		if (member)
+			ok = ctl_exec(conn, "SET ROLE rosterd_reader", 0, NULL, "set role");
+		ok = ok && ctl_exec(conn, "SET default_transaction_read_only = on", 0, NULL,
+				    "read-only session");
+	}
+	if (ok && org) {
+		const char *params[1] = {org};
+		ok = ctl_exec(conn, "SELECT set_config('rd.org', $1, false)", 1, params, "--org");
+	}
+	if (!ok) {
+		PQfinish(conn);
+		return NULL;
+	}
 	return conn;
+}
+
+PGconn *ctl_connect(struct ctl *c)
+{
+	return ctl_connect_as(c, false);
+}
+
+PGconn *ctl_connect_reader(struct ctl *c)
+{
+	return ctl_connect_as(c, true);
+}
+
+bool ctl_sees_all_orgs(PGconn *conn, const char *what)
+{
+	PGresult *res = PQexec(conn, "SELECT rd.sees_all_orgs()");
+	if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
+		char msg[512];
+		rd_strlcpy(msg, PQresultErrorMessage(res), sizeof(msg));
+		msg[strcspn(msg, "\n")] = '\0';
+		PQclear(res);
+		ctl_die("%s: %s", what, msg);
+		return false;
+	}
+	bool all = strcmp(PQgetvalue(res, 0, 0), "t") == 0;
+	PQclear(res);
+	if (!all)
+		ctl_die("%s: this login sees no organisation without --org (row-level security): "
+			"give --org ORG, or set [postgres] migrate_conninfo to the owner's or a "
+			"rosterd_admin login",
+			what);
+	return all;
 }
 
 PGresult *ctl_query(PGconn *conn, const char *name, int n, const char *const *params)
@@ -99,7 +179,7 @@ int ctl_messages(struct ctl *c)
 	}
 	if (!org)
 		return ctl_die("messages: --org ORG is required");
-	PGconn *conn = ctl_connect(c);
+	PGconn *conn = ctl_connect_reader(c);
 	if (!conn)
 		return 1;
 	const char *params[2] = {org, limit};

@@ -98,6 +98,7 @@ static const struct rd_cf_row rd_config_keys[] = {
 
 	CF_STR("postgres", "conninfo", conninfo, "host=127.0.0.1 port=5432 dbname=rosterd",
 	       RD_CF_MASKURL),
+	CF_STR("postgres", "migrate_conninfo", migrate_conninfo, "", RD_CF_MASKURL),
 	CF_STR("postgres", "password_file", pg_password_file, "", 0),
 	CF_INT("postgres", "connections", connections, 2, 1, 64, 0),
 	CF_INT("postgres", "statement_timeout_ms", statement_timeout_ms, 30000, 0, 3600000,

@@ -47,6 +47,7 @@ struct rd_config {
 
 	/* [postgres] */
 	char *conninfo;
+	char *migrate_conninfo;    /* owner's login for migrations, rosterctl; "" = conninfo */
 	char *pg_password_file;    /* [postgres] password_file */
 	int connections;           /* PostgreSQL connections per instance */
 	int statement_timeout_ms;

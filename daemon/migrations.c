@@ -1,7 +1,8 @@
 /* migrations.c: applies the embedded schema migrations, each once, in
  * version order, each in its own transaction, holding a session advisory
  * lock so that instances starting together take turns: the first applies,
- * the others find nothing left to do. Also looks up named statements. */
+ * the others find nothing left to do; then secures what is there (row-level
+ * security and grants, docs/security.md). Also looks up named statements. */
 #include "migrations.h"
 
 #include <stdio.h>
@@ -66,6 +67,27 @@ static int applied_version(PGconn *conn, int version, struct rd_err *err)
 	return found;
 }
 
+/* rd.secure_tables(), and one line saying what it found: the tables under
+ * row-level security and the group roles missing (their grants wait until
+ * an operator creates them, docs/security.md). */
+static enum rd_status secure(PGconn *conn, struct rd_err *err)
+{
+	PGresult *res = PQexec(
+	    conn, "SELECT rd.secure_tables(), coalesce(string_agg(r, ',' ORDER BY r), '')"
+		  "  FROM unnest(ARRAY['rosterd_app', 'rosterd_reader', 'rosterd_admin']) AS r"
+		  " WHERE to_regrole(r) IS NULL");
+	if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
+		rd_errf(err, RD_FAIL, "rd.secure_tables: %s", PQresultErrorMessage(res));
+		PQclear(res);
+		return RD_FAIL;
+	}
+	const char *missing = PQgetvalue(res, 0, 1);
+	rd_log(LOG_NOTICE, "schema.secured", "rls_tables=%s%s%s", PQgetvalue(res, 0, 0),
+	       *missing ? " roles_missing=" : "", missing);
+	PQclear(res);
+	return RD_OK;
+}
+
 enum rd_status rd_migrate(PGconn *conn, struct rd_err *err)
 {
 	enum rd_status st;
@@ -111,6 +133,11 @@ enum rd_status rd_migrate(PGconn *conn, struct rd_err *err)
 			break;
 		rd_log(LOG_NOTICE, "schema.migrated", "version=%d name=%s", m->version, m->name);
 	}
+	/* Row-level security, policies and grants on every table and view,
+	 * including those of the migrations just applied (0007_security.sql).
+	 * Idempotent: DDL only where something is missing. */
+	if (st == RD_OK)
+		st = secure(conn, err);
 	struct rd_err uerr;
 	if (exec_ok(conn, "SELECT pg_advisory_unlock(" RD_MIGRATE_LOCK ")", &uerr, "unlock") &&
 	    st == RD_OK)

@@ -85,13 +85,15 @@ static void notice_cb(void *arg, const char *message)
 	rd_log(LOG_DEBUG, "pg.notice", "message=\"%s\"", line);
 }
 
-PGconn *rd_pg_connect_blocking(const struct rd_config *cfg, struct rd_err *err)
+/* password_file: NULL or "" for none. */
+static PGconn *connect_with(const struct rd_config *cfg, const char *conninfo,
+			    const char *password_file, struct rd_err *err)
 {
 	char opts[64];
 	snprintf(opts, sizeof(opts), "-c statement_timeout=%d", cfg->statement_timeout_ms);
 	char *password = NULL;
-	if (cfg->pg_password_file && cfg->pg_password_file[0]) {
-		password = read_secret_file(cfg->pg_password_file, err);
+	if (password_file && password_file[0]) {
+		password = read_secret_file(password_file, err);
 		if (!password)
 			return NULL;
 	}
@@ -100,7 +102,7 @@ PGconn *rd_pg_connect_blocking(const struct rd_config *cfg, struct rd_err *err)
 	const char *keys[] = {"connect_timeout", "keepalives", "keepalives_idle",
 			      "keepalives_interval", "keepalives_count", "application_name",
 			      "options", "dbname", password ? "password" : NULL, NULL};
-	const char *vals[] = {"5", "1", "10", "3", "3", cfg->instance, opts, cfg->conninfo,
+	const char *vals[] = {"5", "1", "10", "3", "3", cfg->instance, opts, conninfo,
 			      password, NULL};
 	PGconn *conn = PQconnectdbParams(keys, vals, 1);
 	free(password);
@@ -115,6 +117,21 @@ PGconn *rd_pg_connect_blocking(const struct rd_config *cfg, struct rd_err *err)
 	}
 	PQsetNoticeProcessor(conn, notice_cb, NULL);
 	return conn;
+}
+
+PGconn *rd_pg_connect_blocking(const struct rd_config *cfg, struct rd_err *err)
+{
+	return connect_with(cfg, cfg->conninfo, cfg->pg_password_file, err);
+}
+
+/* [postgres] migrate_conninfo carries its own credentials (in the string,
+ * ~/.pgpass, a client certificate or peer authentication): password_file
+ * belongs to conninfo, the daemon's login, and is not applied to it. */
+PGconn *rd_pg_connect_migrator(const struct rd_config *cfg, struct rd_err *err)
+{
+	if (!cfg->migrate_conninfo || !cfg->migrate_conninfo[0])
+		return rd_pg_connect_blocking(cfg, err);
+	return connect_with(cfg, cfg->migrate_conninfo, NULL, err);
 }
 
 /* Prepare every named statement of schema/queries on conn. */
@@ -400,7 +417,7 @@ void rd_pg_set_config(struct rd_pg *pg, const struct rd_config *cfg)
 
 enum rd_status rd_pg_start(struct rd_pg *pg, struct rd_err *err)
 {
-	PGconn *conn = rd_pg_connect_blocking(pg->cfg, err);
+	PGconn *conn = rd_pg_connect_migrator(pg->cfg, err);
 	if (!conn)
 		return RD_FAIL;
 	enum rd_status st = rd_migrate(conn, err);

@@ -56,5 +56,8 @@ bool rd_pg_connected(const struct rd_pg *pg);
 
 /* A blocking connection with the same settings, for rosterctl. */
 PGconn *rd_pg_connect_blocking(const struct rd_config *cfg, struct rd_err *err);
+/* A blocking connection as the schema's owner: [postgres] migrate_conninfo,
+ * or conninfo when that is empty. For migrations and rosterctl. */
+PGconn *rd_pg_connect_migrator(const struct rd_config *cfg, struct rd_err *err);
 
 #endif

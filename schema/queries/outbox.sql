@@ -16,9 +16,8 @@ SELECT rd.outbox_renew($1, $2::integer)
 SELECT rd.outbox_record($1, $2::text[], $3::bigint[], $4::text[], $5::text[], $6::bigint[])
 
 -- name: outbox_next_due
-SELECT coalesce(greatest(0, (extract(epoch FROM min(due_at) - now()) * 1000)::bigint), -1)
-  FROM rd.outbox
- WHERE status IN ('queued', 'retrying', 'sending')
+-- (rd.outbox_next_due_ms: every organisation's rows, under row-level security)
+SELECT rd.outbox_next_due_ms()
 
 -- name: ctl_outbox_list
 SELECT o.org, o.outbox_id::text, o.contact_id::text, o.to_address, o.template, o.language,

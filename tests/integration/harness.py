@@ -893,7 +893,8 @@ KEY_SECTIONS = {
     "exchange": "amqp", "retry_queue": "amqp", "dead_exchange": "amqp", "dead_queue": "amqp",
     "status_exchange": "amqp", "queue_type": "amqp", "prefetch": "amqp", "heartbeat": "amqp",
     "delivery_limit": "amqp",
-    "conninfo": "postgres", "connections": "postgres", "statement_timeout_ms": "postgres",
+    "conninfo": "postgres", "migrate_conninfo": "postgres", "connections": "postgres",
+    "statement_timeout_ms": "postgres",
     "starttls": "smtp", "workers": "smtp", "mail_retry_base_ms": "smtp",
     "mail_lifetime": "smtp", "username": "smtp",
 }

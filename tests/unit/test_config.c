@@ -145,6 +145,7 @@ static void test_defaults(void **state)
 	assert_int_equal(c->delivery_limit, 20);
 
 	assert_string_equal(c->conninfo, "host=127.0.0.1 port=5432 dbname=rosterd");
+	assert_string_equal(c->migrate_conninfo, "");
 	assert_string_equal(c->pg_password_file, "");
 	assert_int_equal(c->connections, 2);
 	assert_int_equal(c->statement_timeout_ms, 30000);
@@ -207,6 +208,8 @@ static const struct good_case good_cases[] = {
     {"[amqp]\nqueue = a;b\n", F(queue), K_STR, 0, "a;b"}, /* no blank: not a comment */
     {"[postgres]\nconninfo = host=db port=6432 dbname=r   ; note\n", F(conninfo), K_STR, 0,
      "host=db port=6432 dbname=r"},
+    {"[postgres]\nmigrate_conninfo = host=db dbname=r user=owner\n", F(migrate_conninfo), K_STR,
+     0, "host=db dbname=r user=owner"},
     {"[postgres]\npassword_file = /run/secrets/pg\n", F(pg_password_file), K_STR, 0,
      "/run/secrets/pg"},
     {"[smtp]\npassword_file = /run/secrets/smtp\n", F(smtp_password_file), K_STR, 0,
