@@ -721,7 +721,7 @@ static void test_key_info(void **state)
 		reloadable += k.reloadable;
 		n++;
 	}
-	assert_int_equal(n, 37);
+	assert_int_equal(n, 38);
 	assert_int_equal(reloadable, 11);
 	assert_false(rd_config_key_info(n, &k));
 
