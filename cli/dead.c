@@ -136,8 +136,8 @@ static amqp_connection_state_t connect_url(struct ctl *c, char *url, char *why, 
 		}
 		pass = password;
 	}
-	amqp_rpc_reply_t lr = amqp_login(st, ci.vhost, 0, 131072, 0, AMQP_SASL_METHOD_PLAIN,
-					 ci.user, pass);
+	amqp_rpc_reply_t lr =
+	    amqp_login(st, ci.vhost, 0, 131072, 0, AMQP_SASL_METHOD_PLAIN, ci.user, pass);
 	if (lr.reply_type != AMQP_RESPONSE_NORMAL) {
 		char buf[200];
 		snprintf(why, whysize, "amqp login %s:%d: %s", ci.host, ci.port,
@@ -384,8 +384,8 @@ static int get_one(amqp_connection_state_t st, const char *queue, struct dead *d
 /* The queue's message count (passive declare: never creates it). */
 static long queue_count(amqp_connection_state_t st, const char *queue)
 {
-	amqp_queue_declare_ok_t *ok = amqp_queue_declare(
-	    st, CH_GET, amqp_cstring_bytes(queue), 1, 0, 0, 0, amqp_empty_table);
+	amqp_queue_declare_ok_t *ok =
+	    amqp_queue_declare(st, CH_GET, amqp_cstring_bytes(queue), 1, 0, 0, 0, amqp_empty_table);
 	if (!ok) {
 		char buf[256];
 		ctl_die("dead: queue %s: %s", queue,
@@ -403,10 +403,10 @@ static json_t *dead_json(const struct dead *d, long n, bool full)
 	hdr(d, "x-rosterd-routing-key", rk, sizeof(rk));
 	hdr(d, "x-rosterd-instance", inst, sizeof(inst));
 	hdr(d, "x-rosterd-retries", retries, sizeof(retries));
-	json_t *o = json_pack("{s:I, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:I}", "n", (json_int_t)n,
-			      "org", d->org, "id", d->id, "type", d->type, "routing_key", rk,
-			      "error", err, "error_at", at, "instance", inst, "bytes",
-			      (json_int_t)d->msg.body.len);
+	json_t *o =
+	    json_pack("{s:I, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:I}", "n", (json_int_t)n, "org",
+		      d->org, "id", d->id, "type", d->type, "routing_key", rk, "error", err,
+		      "error_at", at, "instance", inst, "bytes", (json_int_t)d->msg.body.len);
 	json_object_set_new(o, "retries", json_integer(strtol(retries, NULL, 10)));
 	if (full) {
 		json_t *h = json_object();
@@ -423,9 +423,9 @@ static json_t *dead_json(const struct dead *d, long n, bool full)
 		char ct[128] = "";
 		if (p->_flags & AMQP_BASIC_CONTENT_TYPE_FLAG)
 			str_of(&p->content_type, ct, sizeof(ct));
-		json_object_set_new(o, "content_type", json_string(rd_utf8_valid(ct, strlen(ct))
-								       ? ct
-								       : "(not UTF-8)"));
+		json_object_set_new(
+		    o, "content_type",
+		    json_string(rd_utf8_valid(ct, strlen(ct)) ? ct : "(not UTF-8)"));
 		json_t *b = body_json(d);
 		json_object_set_new(o, "body", b ? b : json_null());
 	}
@@ -646,7 +646,7 @@ static int browse(struct ctl *c, amqp_connection_state_t st, long count, long sh
 				}
 				printf("headers:\n");
 				json_object_foreach(json_object_get(o, "headers"), k, v)
-					printf("  %s: %s\n", k, json_string_value(v));
+				    printf("  %s: %s\n", k, json_string_value(v));
 				printf("body:\n");
 				json_dumpf(json_object_get(o, "body"), stdout,
 					   JSON_INDENT(2) | JSON_ENCODE_ANY);
@@ -694,8 +694,7 @@ int ctl_dead(struct ctl *c)
 			return ctl_die("dead list: unexpected argument %s", c->argv[1]);
 	} else if (strcmp(sub, "show") == 0 || strcmp(sub, "replay") == 0) {
 		if (c->argc != 2)
-			return ctl_die("dead %s: want %s", sub,
-				       sub[0] == 's' ? "N" : "N or --all");
+			return ctl_die("dead %s: want %s", sub, sub[0] == 's' ? "N" : "N or --all");
 		if (sub[0] == 'r' && strcmp(c->argv[1], "--all") == 0)
 			all = true;
 		else if ((n = position(c->argv[1])) < 0)

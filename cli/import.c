@@ -218,8 +218,9 @@ int ctl_import(struct ctl *c)
 		}
 		char id[128];
 		snprintf(id, sizeof(id), "import:%.32s:%ld", hash, w->row);
-		const char *p[6] = {org, id, at, w->payload ? w->payload : "{}", w->reason,
-				    w->keys ? w->keys : "[]"};
+		const char *p[6] = {org,       id,
+				    at,	       w->payload ? w->payload : "{}",
+				    w->reason, w->keys ? w->keys : "[]"};
 		res = ctl_query(conn, "import_row", 6, p);
 		if (!res) {
 			ctl_die("import: row %ld failed; rows after the last commit are not "
@@ -238,11 +239,12 @@ int ctl_import(struct ctl *c)
 		else
 			n_skipped++;
 		if (c->json) {
-			json_array_append_new(
-			    jrows, json_pack("{s:I, s:s, s:s, s:s, s:s?, s:s, s:s}", "row",
-					     (json_int_t)w->row, "message_id", id, "outcome", outcome,
-					     "action", action, "contact_id", *cid ? cid : NULL,
-					     "email", w->email, "detail", detail));
+			json_array_append_new(jrows,
+					      json_pack("{s:I, s:s, s:s, s:s, s:s?, s:s, s:s}",
+							"row", (json_int_t)w->row, "message_id", id,
+							"outcome", outcome, "action", action,
+							"contact_id", *cid ? cid : NULL, "email",
+							w->email, "detail", detail));
 		} else if (dry || strcmp(action, "skipped") == 0) {
 			printf("%-6ld %-9s %-36s %-30s %s\n", w->row, action, *cid ? cid : "-",
 			       *w->email ? w->email : "-", detail);

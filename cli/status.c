@@ -133,17 +133,18 @@ int ctl_status(struct ctl *c)
 		       "REJECTED", "RETRIED", "MAILQ", "P99_MS");
 		for (size_t i = 0; i < n; i++) {
 			json_t *d = json_object_get(latest, names[i]);
-			printf("%-20s %-9s %-8s %9lld %4s %4s %10lld %10lld %8lld %8lld %8lld %8lld "
-			       "%8.1f\n",
-			       names[i], json_string_value(jget(d, "state", NULL)) ?: "?",
-			       json_string_value(jget(d, "version", NULL)) ?: "?",
-			       num(d, "uptime_s", NULL),
-			       json_is_true(jget(d, "amqp", "connected")) ? "up" : "down",
-			       json_is_true(jget(d, "postgres", "connected")) ? "up" : "down",
-			       num(d, "messages", "received"), num(d, "messages", "applied"),
-			       num(d, "messages", "duplicate"), num(d, "messages", "rejected"),
-			       num(d, "messages", "retried"), num(d, "outbox", "queued"),
-			       json_number_value(jget(d, "latency_ms", "p99")));
+			printf(
+			    "%-20s %-9s %-8s %9lld %4s %4s %10lld %10lld %8lld %8lld %8lld %8lld "
+			    "%8.1f\n",
+			    names[i], json_string_value(jget(d, "state", NULL)) ?: "?",
+			    json_string_value(jget(d, "version", NULL)) ?: "?",
+			    num(d, "uptime_s", NULL),
+			    json_is_true(jget(d, "amqp", "connected")) ? "up" : "down",
+			    json_is_true(jget(d, "postgres", "connected")) ? "up" : "down",
+			    num(d, "messages", "received"), num(d, "messages", "applied"),
+			    num(d, "messages", "duplicate"), num(d, "messages", "rejected"),
+			    num(d, "messages", "retried"), num(d, "outbox", "queued"),
+			    json_number_value(jget(d, "latency_ms", "p99")));
 		}
 	}
 	free(names);

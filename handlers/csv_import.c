@@ -13,9 +13,9 @@
 #include "decode.h"
 #include "handlers.h"
 
-static const char *const person_keys[] = {"email",  "first_name", "last_name", "company",
-					  "language", "phone", "street",    "zip",
-					  "city",   "country",    "birthdate", NULL};
+static const char *const person_keys[] = {"email",    "first_name", "last_name", "company",
+					  "language", "phone",	    "street",	 "zip",
+					  "city",     "country",    "birthdate", NULL};
 
 struct cell {
 	char *s;
@@ -31,13 +31,13 @@ struct state {
 	bool stopped; /* the callback asked to stop */
 	bool have_header;
 	int ncols;
-	char *cols[RD_CSV_MAX_COLUMNS];	 /* "email", ... or "fields.KEY" */
-	int email_col;			 /* -1: none */
+	char *cols[RD_CSV_MAX_COLUMNS]; /* "email", ... or "fields.KEY" */
+	int email_col;			/* -1: none */
 	struct cell cells[RD_CSV_MAX_COLUMNS];
 	int ncells;
-	bool too_many;	/* the current row has more cells than we keep */
-	long row;	/* data rows seen */
-	long line;	/* physical row (header = 1) for messages */
+	bool too_many; /* the current row has more cells than we keep */
+	long row;      /* data rows seen */
+	long line;     /* physical row (header = 1) for messages */
 };
 
 static void cells_clear(struct state *s)
@@ -96,10 +96,11 @@ static void header(struct state *s)
 		if (strncasecmp(k, "fields.", 7) == 0) {
 			size_t kl = strlen(k + 7);
 			if (kl == 0 || kl > RD_FIELD_KEY_MAX) {
-				rd_errf(s->err, RD_REJECT,
-					"header: column %d: a custom field needs a key of 1..%d bytes "
-					"after \"fields.\"",
-					i + 1, RD_FIELD_KEY_MAX);
+				rd_errf(
+				    s->err, RD_REJECT,
+				    "header: column %d: a custom field needs a key of 1..%d bytes "
+				    "after \"fields.\"",
+				    i + 1, RD_FIELD_KEY_MAX);
 				s->failed = true;
 				return;
 			}
@@ -126,7 +127,8 @@ static void header(struct state *s)
 		}
 		for (int j = 0; j < i; j++)
 			if (strcmp(s->cols[j], k) == 0) {
-				rd_errf(s->err, RD_REJECT, "header: column \"%s\" appears twice", k);
+				rd_errf(s->err, RD_REJECT, "header: column \"%s\" appears twice",
+					k);
 				s->failed = true;
 				return;
 			}
@@ -272,8 +274,7 @@ enum rd_status rd_csv_import_decode(const char *data, size_t len, rd_csv_row_fn 
 		}
 		off += n;
 	}
-	if (st == RD_OK && !s.failed && !s.stopped &&
-	    csv_fini(&p, on_field, on_row, &s) != 0)
+	if (st == RD_OK && !s.failed && !s.stopped && csv_fini(&p, on_field, on_row, &s) != 0)
 		st = rd_errf(err, RD_REJECT, "CSV record %ld: %s", s.line + 1,
 			     csv_strerror(csv_error(&p)));
 	csv_free(&p);
@@ -281,7 +282,8 @@ enum rd_status rd_csv_import_decode(const char *data, size_t len, rd_csv_row_fn 
 	if (st == RD_OK && s.failed)
 		st = RD_REJECT;
 	if (st == RD_OK && !s.have_header)
-		st = rd_errf(err, RD_REJECT, "no header row (want e.g. email,first_name,last_name)");
+		st =
+		    rd_errf(err, RD_REJECT, "no header row (want e.g. email,first_name,last_name)");
 	for (int i = 0; i < s.ncols; i++)
 		free(s.cols[i]);
 	return st;

@@ -17,10 +17,10 @@
 #define RD_CSV_MAX_COLUMNS 64
 
 struct rd_csv_row {
-	long row;          /* 1 = the first row after the header */
-	json_t *payload;   /* the validated payload, or NULL when refused */
-	json_t *keys;      /* its serialisation keys (without org); NULL when refused */
-	const char *email; /* the row's email cell as given ("" when none) */
+	long row;	    /* 1 = the first row after the header */
+	json_t *payload;    /* the validated payload, or NULL when refused */
+	json_t *keys;	    /* its serialisation keys (without org); NULL when refused */
+	const char *email;  /* the row's email cell as given ("" when none) */
 	const char *reason; /* why the row is refused ("row 3: data.email: ..."), or NULL */
 };
 
