@@ -126,6 +126,30 @@ static bool file_hash(PGconn *conn, const char *buf, size_t len, char *out)
 	return ok;
 }
 
+/* Take the serialisation keys of rows [from, to) at once, in the one sorted
+ * order of rd.lock_keys, as a batch of the daemon does: taking them row by
+ * row in file order could deadlock with a batch. */
+static bool lock_chunk(PGconn *conn, const char *org, const char *hash, const struct rows *rs,
+		       size_t from, size_t to)
+{
+	json_t *all = json_array();
+	char key[160];
+	for (size_t i = from; i < to && i < rs->n; i++) {
+		snprintf(key, sizeof(key), "msg:import:%.32s:%ld", hash, rs->v[i].row);
+		json_array_append_new(all, json_string(key));
+		json_t *k = rs->v[i].keys ? json_loads(rs->v[i].keys, 0, NULL) : NULL;
+		json_array_extend(all, k);
+		json_decref(k);
+	}
+	char *text = json_dumps(all, JSON_COMPACT);
+	json_decref(all);
+	const char *p[2] = {org, text};
+	PGresult *res = ctl_query(conn, "import_lock_chunk", 2, p);
+	free(text);
+	PQclear(res);
+	return res != NULL;
+}
+
 static bool run(PGconn *conn, const char *name)
 {
 	PGresult *res = ctl_query(conn, name, 0, NULL);
@@ -212,7 +236,8 @@ int ctl_import(struct ctl *c)
 	for (size_t i = 0; i < rs.n; i++) {
 		struct row *w = &rs.v[i];
 		if (!in_txn) {
-			if (!run(conn, "admin_begin"))
+			if (!run(conn, "admin_begin") ||
+			    !lock_chunk(conn, org, hash, &rs, i, dry ? rs.n : i + ROWS_PER_TXN))
 				goto out_rows;
 			in_txn = true;
 		}

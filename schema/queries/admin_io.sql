@@ -66,6 +66,10 @@ SELECT CASE $2
 -- name: import_hash
 SELECT encode(sha256($1::bytea), 'hex')
 
+-- name: import_lock_chunk
+-- The keys of a chunk of rows ($2: a JSON array, without the org), in one go.
+SELECT rd.lock_keys(ARRAY(SELECT $1 || '/' || k FROM jsonb_array_elements_text($2::jsonb) k))
+
 -- name: import_row
 SELECT outcome, coalesce(reason, ''), action, coalesce(contact_id, ''), coalesce(detail, '')
   FROM rd.import_row($1, $2, $3::bigint, $4::jsonb, $5, $6::jsonb)

@@ -428,3 +428,29 @@ def test_status(rosterd, publish, db, rosterctl):
     assert r.returncode == 0 and "no status document in 1 s" in r.stdout
     r = rosterctl("status", "--wait", "x")
     assert r.returncode == 1 and "--wait" in r.stderr
+
+
+def test_import_many_rows_in_chunks(rosterd, publish, db, rosterctl, tmp_path):
+    """More rows than one transaction takes (500): every row lands once, a
+    re-import after a partial run completes it."""
+    rosterd()
+    settle(publish, db, [org_msg()])
+    f = tmp_path / "many.csv"
+    f.write_text("email,first_name\n" + "".join("m%04d@acme.example,M%d\n" % (i, i)
+                                                for i in range(600)))
+    r = rosterctl("import", str(f), "--org", ORG)
+    assert r.returncode == 0, r.stderr
+    assert "600 rows: 600 created, 0 updated, 0 unchanged, 0 skipped" in r.stdout
+    assert db.query1("SELECT count(DISTINCT email) FROM report.contacts WHERE org = %s",
+                     ORG) == 600
+    # forget the last 50 rows as if the run had stopped there: a re-run adds them
+    db.execute("DELETE FROM rd.activity WHERE org = %s AND contact_id IN (SELECT contact_id"
+               " FROM rd.contacts WHERE email >= 'm0550')", ORG)
+    db.execute("DELETE FROM rd.field_history WHERE org = %s AND contact_id IN (SELECT"
+               " contact_id FROM rd.contacts WHERE email >= 'm0550')", ORG)
+    db.execute("DELETE FROM rd.contacts WHERE org = %s AND email >= 'm0550'", ORG)
+    db.execute("DELETE FROM rd.messages WHERE org = %s AND message_id LIKE 'import:%%'"
+               " AND split_part(message_id, ':', 3)::int > 550", ORG)
+    r = rosterctl("import", str(f), "--org", ORG)
+    assert "600 rows: 50 created, 0 updated, 0 unchanged, 550 skipped" in r.stdout
+    assert db.query1("SELECT count(*) FROM report.contacts WHERE org = %s", ORG) == 600
