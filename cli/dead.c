@@ -4,7 +4,11 @@
  * Messages are taken with basic.get without acknowledging them, so a crash
  * of rosterctl loses nothing: what it does not acknowledge goes back to the
  * queue, in its original order, when it nacks (requeue) or its channel
- * closes. N is the position in the queue, 1 = the oldest.
+ * closes. N is the position in the queue, 1 = the oldest. On a quorum
+ * queue (SPEC 8), where every requeue counts against the delivery limit and
+ * a message beyond it is dropped, a message is put back instead by
+ * publishing an identical copy to the queue (confirmed) and acknowledging
+ * the original, going through the whole queue so that the order stays.
  *
  * replay republishes a dead message to the events exchange with its
  * original body, properties and headers (without the x-rosterd-* ones
@@ -444,18 +448,14 @@ static void requeue_all(amqp_connection_state_t st)
 	amqp_basic_nack(st, CH_GET, 0, 1, 1);
 }
 
-/* ---- replay ------------------------------------------------------------------ */
+/* ---- publishing with confirms ------------------------------------------------ */
 
-static bool republish(struct ctl *c, amqp_connection_state_t st, const struct dead *d)
+/* Publish (mandatory) on the confirm channel and wait for the broker's ack.
+ * strip: leave out the x-rosterd-* headers (a replay) and x-delivery-count
+ * (set by quorum queues). */
+static bool publish_confirmed(amqp_connection_state_t st, const char *exchange, const char *rk,
+			      const struct dead *d, bool strip)
 {
-	char rk[256];
-	hdr(d, "x-rosterd-routing-key", rk, sizeof(rk));
-	if (!rk[0])
-		rd_strlcpy(rk, d->type, sizeof(rk));
-	if (!rk[0]) {
-		ctl_die("dead: message has no routing key header and no type; not replayed");
-		return false;
-	}
 	amqp_basic_properties_t p = d->msg.properties;
 	int n = 0;
 	amqp_table_entry_t *e = NULL;
@@ -463,7 +463,10 @@ static bool republish(struct ctl *c, amqp_connection_state_t st, const struct de
 		e = rd_xcalloc((size_t)p.headers.num_entries + 1, sizeof(*e));
 		for (int i = 0; i < p.headers.num_entries; i++) {
 			const amqp_table_entry_t *h = &p.headers.entries[i];
-			if (h->key.len >= 10 && memcmp(h->key.bytes, "x-rosterd-", 10) == 0)
+			if (strip && h->key.len >= 10 &&
+			    memcmp(h->key.bytes, "x-rosterd-", 10) == 0)
+				continue;
+			if (h->key.len == 16 && memcmp(h->key.bytes, "x-delivery-count", 16) == 0)
 				continue;
 			e[n++] = *h;
 		}
@@ -472,11 +475,12 @@ static bool republish(struct ctl *c, amqp_connection_state_t st, const struct de
 	}
 	p._flags |= AMQP_BASIC_DELIVERY_MODE_FLAG;
 	p.delivery_mode = 2;
-	int r = amqp_basic_publish(st, CH_PUB, amqp_cstring_bytes(c->cfg->exchange),
-				   amqp_cstring_bytes(rk), 1, 0, &p, d->msg.body);
+	int r = amqp_basic_publish(st, CH_PUB, amqp_cstring_bytes(exchange), amqp_cstring_bytes(rk),
+				   1, 0, &p, d->msg.body);
 	free(e);
+	const char *where = exchange[0] ? exchange : "the dead queue";
 	if (r != AMQP_STATUS_OK) {
-		ctl_die("dead: publish to %s: %s", c->cfg->exchange, amqp_error_string2(r));
+		ctl_die("dead: publish to %s: %s", where, amqp_error_string2(r));
 		return false;
 	}
 	/* the confirm: basic.ack (basic.return first when no queue took it) */
@@ -504,16 +508,57 @@ static bool republish(struct ctl *c, amqp_connection_state_t st, const struct de
 		} else if (f.payload.method.id == AMQP_CHANNEL_CLOSE_METHOD ||
 			   f.payload.method.id == AMQP_CONNECTION_CLOSE_METHOD) {
 			ctl_die("dead: the broker closed the channel while publishing to %s",
-				c->cfg->exchange);
+				where);
 			return false;
 		}
 	}
 	if (returned) {
-		ctl_die("dead: exchange %s routed %s to no queue; the dead copy is kept",
-			c->cfg->exchange, rk);
+		ctl_die("dead: %s routed %s to no queue; the dead copy is kept", where, rk);
 		return false;
 	}
 	return true;
+}
+
+/* A message taken only to look at it. On a classic queue it stays
+ * unacknowledged and goes back in place with requeue_all(). A quorum queue
+ * counts every requeue against its delivery limit and drops a message
+ * beyond it, so there the message is put back by publishing an identical
+ * copy to the queue's end (confirmed) and acknowledging the original; the
+ * callers then cycle through the whole queue, so that the order stays. */
+static bool keep(struct ctl *c, amqp_connection_state_t st, const struct dead *d)
+{
+	if (c->cfg->queue_type != RD_QUEUE_QUORUM)
+		return true;
+	if (!publish_confirmed(st, "", c->cfg->dead_queue, d, false))
+		return false;
+	if (amqp_basic_ack(st, CH_GET, d->tag, 0) != AMQP_STATUS_OK) {
+		ctl_die("dead: cannot acknowledge a message put back; it may appear twice");
+		return false;
+	}
+	return true;
+}
+
+/* How many messages to take: a quorum queue is cycled whole (see keep). */
+static long takes(struct ctl *c, long count, long upto)
+{
+	if (c->cfg->queue_type == RD_QUEUE_QUORUM || upto == 0)
+		return count > upto ? count : upto;
+	return upto;
+}
+
+/* ---- replay ------------------------------------------------------------------ */
+
+static bool republish(struct ctl *c, amqp_connection_state_t st, const struct dead *d)
+{
+	char rk[256];
+	hdr(d, "x-rosterd-routing-key", rk, sizeof(rk));
+	if (!rk[0])
+		rd_strlcpy(rk, d->type, sizeof(rk));
+	if (!rk[0]) {
+		ctl_die("dead: message has no routing key header and no type; not replayed");
+		return false;
+	}
+	return publish_confirmed(st, c->cfg->exchange, rk, d, true);
 }
 
 /* Forget the rejection recorded for the message (see the file's comment). */
@@ -532,51 +577,40 @@ static int replay(struct ctl *c, amqp_connection_state_t st, long n, long count)
 	PGconn *conn = ctl_connect(c);
 	if (!conn)
 		return 1;
-	amqp_channel_open(st, CH_PUB);
-	if (!ok_reply(st, "channel.open"))
-		goto fail;
-	amqp_confirm_select(st, CH_PUB);
-	if (!ok_reply(st, "confirm.select"))
-		goto fail;
 	json_t *done = json_array();
-	long replayed = 0;
-	for (long i = 1; i <= (n ? n : count); i++) {
+	long replayed = 0, total = takes(c, count, n);
+	int rc = 1;
+	for (long i = 1; i <= total; i++) {
 		struct dead d;
 		int g = get_one(st, c->cfg->dead_queue, &d);
-		if (g < 0) {
-			json_decref(done);
-			goto fail;
-		}
+		if (g < 0)
+			goto out;
 		if (g == 0) {
-			if (n)
+			if (n && i <= n) {
 				ctl_die("dead: no message %ld (the queue holds %ld)", n, i - 1);
+				goto out;
+			}
 			break;
 		}
-		if (n && i < n) { /* before the one asked for: back later */
-			amqp_destroy_message(&d.msg);
-			continue;
-		}
-		bool ok = forget(conn, &d) && republish(c, st, &d);
-		if (ok && amqp_basic_ack(st, CH_GET, d.tag, 0) != AMQP_STATUS_OK) {
-			ctl_die("dead: cannot acknowledge the dead copy; it may be replayed twice "
-				"(a duplicate then)");
-			ok = false;
-		}
-		if (ok) {
-			replayed++;
-			json_array_append_new(done, dead_json(&d, i, false));
+		bool ok;
+		if (n && i != n) { /* not the one asked for: back in its place */
+			ok = keep(c, st, &d);
+		} else {
+			ok = forget(conn, &d) && republish(c, st, &d);
+			if (ok && amqp_basic_ack(st, CH_GET, d.tag, 0) != AMQP_STATUS_OK) {
+				ctl_die(
+				    "dead: cannot acknowledge the dead copy; it may be replayed "
+				    "twice (a duplicate then)");
+				ok = false;
+			}
+			if (ok) {
+				replayed++;
+				json_array_append_new(done, dead_json(&d, i, false));
+			}
 		}
 		amqp_destroy_message(&d.msg);
-		if (!ok) {
-			requeue_all(st);
-			json_decref(done);
-			goto fail;
-		}
-	}
-	requeue_all(st);
-	if (n && replayed == 0) {
-		json_decref(done);
-		goto fail;
+		if (!ok)
+			goto out;
 	}
 	if (c->json) {
 		print_json(done);
@@ -591,83 +625,91 @@ static int replay(struct ctl *c, amqp_connection_state_t st, long n, long count)
 		}
 		printf("%ld replayed to %s\n", replayed, c->cfg->exchange);
 	}
+	rc = 0;
+out:
+	requeue_all(st);
 	json_decref(done);
 	PQfinish(conn);
-	return 0;
-fail:
-	PQfinish(conn);
-	return 1;
+	return rc;
 }
 
 /* ---- list and show -------------------------------------------------------- */
 
+static void print_show(json_t *o)
+{
+	const char *k;
+	json_t *v;
+	json_object_foreach(o, k, v)
+	{
+		if (strcmp(k, "headers") == 0 || strcmp(k, "body") == 0)
+			continue;
+		char *t = json_is_string(v) ? strdup(json_string_value(v))
+					    : json_dumps(v, JSON_ENCODE_ANY);
+		printf("%-12s %s\n", k, t ? t : "");
+		free(t);
+	}
+	printf("headers:\n");
+	json_object_foreach(json_object_get(o, "headers"), k, v)
+	{
+		printf("  %s: %s\n", k, json_string_value(v));
+	}
+	printf("body:\n");
+	json_dumpf(json_object_get(o, "body"), stdout, JSON_INDENT(2) | JSON_ENCODE_ANY);
+	fputc('\n', stdout);
+}
+
 static int browse(struct ctl *c, amqp_connection_state_t st, long count, long show)
 {
-	json_t *all = json_array();
-	int rc = 0;
-	if (!c->json && !show)
-		printf("%-4s %-20s %-20s %-12s %-24s %s\n", "N", "ERROR AT", "TYPE", "ORG", "ID",
-		       "ERROR");
-	for (long i = 1; i <= (show ? show : count); i++) {
+	json_t *all = json_array(), *shown = NULL;
+	int rc = 1;
+	long total = takes(c, count, show);
+	for (long i = 1; i <= total; i++) {
 		struct dead d;
 		int g = get_one(st, c->cfg->dead_queue, &d);
-		if (g < 0) {
-			rc = 1;
-			break;
-		}
+		if (g < 0)
+			goto out;
 		if (g == 0) {
-			if (show) {
+			if (show && i <= show) {
 				ctl_die("dead: no message %ld (the queue holds %ld)", show, i - 1);
-				rc = 1;
+				goto out;
 			}
 			break;
 		}
-		if (show && i < show) {
-			amqp_destroy_message(&d.msg);
-			continue;
-		}
-		json_t *o = dead_json(&d, i, show != 0);
+		if (!show)
+			json_array_append_new(all, dead_json(&d, i, false));
+		else if (i == show)
+			shown = dead_json(&d, i, true);
+		bool ok = keep(c, st, &d);
 		amqp_destroy_message(&d.msg);
-		if (show) {
-			if (c->json) {
-				print_json(o);
-			} else {
-				const char *k;
-				json_t *v;
-				json_object_foreach(o, k, v)
-				{
-					if (strcmp(k, "headers") == 0 || strcmp(k, "body") == 0)
-						continue;
-					char *t = json_is_string(v)
-						      ? strdup(json_string_value(v))
-						      : json_dumps(v, JSON_ENCODE_ANY);
-					printf("%-12s %s\n", k, t ? t : "");
-					free(t);
-				}
-				printf("headers:\n");
-				json_object_foreach(json_object_get(o, "headers"), k, v)
-				    printf("  %s: %s\n", k, json_string_value(v));
-				printf("body:\n");
-				json_dumpf(json_object_get(o, "body"), stdout,
-					   JSON_INDENT(2) | JSON_ENCODE_ANY);
-				fputc('\n', stdout);
-			}
-			json_decref(o);
-		} else if (c->json) {
-			json_array_append_new(all, o);
-		} else {
-			printf("%-4ld %-20s %-20s %-12s %-24s %s\n", i,
+		if (!ok)
+			goto out;
+	}
+	if (shown && c->json) {
+		print_json(shown);
+	} else if (shown) {
+		print_show(shown);
+	} else if (c->json) {
+		print_json(all);
+	} else {
+		printf("%-4s %-20s %-20s %-12s %-24s %s\n", "N", "ERROR AT", "TYPE", "ORG", "ID",
+		       "ERROR");
+		size_t k;
+		json_t *o;
+		json_array_foreach(all, k, o)
+		{
+			printf("%-4lld %-20s %-20s %-12s %-24s %s\n",
+			       (long long)json_integer_value(json_object_get(o, "n")),
 			       json_string_value(json_object_get(o, "error_at")),
 			       json_string_value(json_object_get(o, "type")),
 			       json_string_value(json_object_get(o, "org")),
 			       json_string_value(json_object_get(o, "id")),
 			       json_string_value(json_object_get(o, "error")));
-			json_decref(o);
 		}
 	}
+	rc = 0;
+out:
 	requeue_all(st);
-	if (rc == 0 && !show && c->json)
-		print_json(all);
+	json_decref(shown);
 	json_decref(all);
 	return rc;
 }
@@ -711,6 +753,17 @@ int ctl_dead(struct ctl *c)
 	int rc = 1;
 	long count = queue_count(st, c->cfg->dead_queue);
 	if (count < 0)
+		goto out;
+	if (n > count) {
+		ctl_die("dead: no message %ld (the queue holds %ld)", n, count);
+		goto out;
+	}
+	/* the confirm channel: replays, and put-backs on a quorum queue */
+	amqp_channel_open(st, CH_PUB);
+	if (!ok_reply(st, "channel.open"))
+		goto out;
+	amqp_confirm_select(st, CH_PUB);
+	if (!ok_reply(st, "confirm.select"))
 		goto out;
 	if (sub[0] == 'l')
 		rc = browse(c, st, count, 0);

@@ -454,3 +454,33 @@ def test_import_many_rows_in_chunks(rosterd, publish, db, rosterctl, tmp_path):
     r = rosterctl("import", str(f), "--org", ORG)
     assert "600 rows: 50 created, 0 updated, 0 unchanged, 550 skipped" in r.stdout
     assert db.query1("SELECT count(*) FROM report.contacts WHERE org = %s", ORG) == 600
+
+
+def test_dead_on_quorum_queue_loses_nothing(rosterd, publish, db, amqp):
+    """A quorum dead queue drops a message requeued more often than its
+    delivery limit: listing must put messages back without requeueing."""
+    rd = rosterd(queue_type="quorum", delivery_limit=2)
+    rosterctl = rd.ctl  # its configuration: [amqp] queue_type = quorum
+    settle(publish, db, [org_msg()])
+    bad = [make_msg("contact.tagged", {"contact_id": "nope-%d" % i}) for i in range(3)]
+    for m in bad:
+        publish(m)
+    wait_for(lambda: amqp.queue_depth("dead_queue") == 3, 30, 0.1, "3 dead letters")
+    r = rosterctl("--json", "dead", "list")
+    order = [x["id"] for x in json.loads(r.stdout)]
+    assert sorted(order) == sorted(m["id"] for m in bad)
+    bad = [next(m for m in bad if m["id"] == i) for i in order]
+    for _ in range(4):
+        r = rosterctl("--json", "dead", "list")
+        assert r.returncode == 0, r.stderr
+        assert [x["id"] for x in json.loads(r.stdout)] == order  # same order each time
+        r = rosterctl("--json", "dead", "show", "2")
+        assert json.loads(r.stdout)["id"] == bad[1]["id"]
+    assert amqp.queue_depth("dead_queue") == 3
+    r = rosterctl("--json", "dead", "replay", "2")
+    assert r.returncode == 0, r.stderr
+    assert [x["id"] for x in json.loads(r.stdout)] == [bad[1]["id"]]
+    # rejected again (still invalid): it comes back at the end
+    wait_for(lambda: amqp.queue_depth("dead_queue") == 3, 30, 0.1, "rejected again")
+    r = rosterctl("--json", "dead", "list")
+    assert [x["id"] for x in json.loads(r.stdout)] == [bad[0]["id"], bad[2]["id"], bad[1]["id"]]
