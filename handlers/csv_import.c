@@ -74,6 +74,17 @@ static bool is_person_key(const char *k)
 	return false;
 }
 
+/* A column name for an error message: one line, valid UTF-8, short. */
+static void show_name(char *out, size_t size, const char *name)
+{
+	size_t n = 0;
+	for (const char *p = name; *p && n + 1 < size; p++)
+		out[n++] = (unsigned char)*p < 0x20 || *p == 0x7f ? '?' : *p;
+	out[n] = '\0';
+	while (n > 0 && !rd_utf8_valid(out, n)) /* cut inside a character */
+		out[--n] = '\0';
+}
+
 static void header(struct state *s)
 {
 	if (s->too_many) {
@@ -111,9 +122,7 @@ static void header(struct state *s)
 					*p = (char)(*p - 'A' + 'a');
 			if (!is_person_key(k)) {
 				char shown[64];
-				rd_strlcpy(shown, k, sizeof(shown));
-				if (!rd_utf8_valid(shown, strlen(shown)))
-					rd_strlcpy(shown, "?", sizeof(shown));
+				show_name(shown, sizeof(shown), k);
 				rd_errf(s->err, RD_REJECT,
 					"header: unknown column \"%s\" (known: email, first_name, "
 					"last_name, company, language, phone, street, zip, city, "
@@ -127,8 +136,10 @@ static void header(struct state *s)
 		}
 		for (int j = 0; j < i; j++)
 			if (strcmp(s->cols[j], k) == 0) {
+				char shown[64];
+				show_name(shown, sizeof(shown), k);
 				rd_errf(s->err, RD_REJECT, "header: column \"%s\" appears twice",
-					k);
+					shown);
 				s->failed = true;
 				return;
 			}

@@ -329,7 +329,8 @@ def test_import_errors_change_nothing(rosterd, publish, db, rosterctl, tmp_path)
              ("email,Email\n", "column \"email\" appears twice"),
              ("email,first_name\n\"a@b.c,Ann\n", "CSV record"),
              ("", "no header row"),
-             ("email,fields.\n", "custom field needs a key")]
+             ("email,fields.\n", "custom field needs a key"),
+             ('"shoe\nsize",email\n', 'unknown column "shoe?size"')]
     for i, (text, why) in enumerate(cases):
         f = tmp_path / ("bad%d.csv" % i)
         f.write_text(text)
