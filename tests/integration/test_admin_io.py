@@ -140,15 +140,28 @@ def test_erase_by_rosterctl_leaves_no_trace(rosterd, publish, db, rosterctl, ser
     assert r.returncode == 1 and "no contact not-a-uuid" in r.stderr
 
 
-def test_erase_message_and_merge_group(rosterd, publish, db, servers):
+def test_erase_message_and_merge_group(rosterd, publish, db, servers, rosterctl):
     rosterd()
     settle(publish, db, history_msgs())
     cid = contact_by_email(db, MARK_EMAIL)
-    e = make_msg("contact.erased", {"contact_id": cid})
+    # a second record of the same person, merged into the first (a tombstone)
+    settle(publish, db, [make_msg("contact.upserted", {"email": "old.quirinella@erase-me.example",
+                                                       "first_name": "Quirinella-Old"})])
+    old = contact_by_email(db, "old.quirinella@erase-me.example")
+    db.execute("UPDATE rd.contacts SET merged_into = %s WHERE contact_id = %s", cid, old)
+    # erasing the tombstone's id erases the person: keep and tombstone
+    e = make_msg("contact.erased", {"contact_id": old})
     settle(publish, db, [e])
     assert outcome(db, e)["outcome"] == "applied"
-    assert MARK_EMAIL not in pg_dump(servers, db)
-    assert db.query1("SELECT erased FROM report.contacts WHERE contact_id = %s", cid) is True
+    dump = pg_dump(servers, db)
+    assert MARK_EMAIL not in dump and "Quirinella" not in dump and "erase-me" not in dump
+    assert db.query("SELECT contact_id, erased, merged_into FROM report.contacts ORDER BY 1") == \
+        sorted([(cid, True, None), (old, True, cid)])
+    assert db.query1("SELECT summary FROM report.activity WHERE contact_id = %s"
+                     " AND kind = 'contact.erased'", cid) == \
+        "personal data erased (with 1 merged contacts)"
+    r = rosterctl("--json", "erase", old)
+    assert r.returncode == 0 and json.loads(r.stdout)["contacts_erased"] == 2
     # the outbox row keeps its status, not its text
     row = db.querydicts("SELECT * FROM report.outbox WHERE contact_id = %s", cid)
     assert row and all(r["to_address"] == "" and r["body"] == "" for r in row)
