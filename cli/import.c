@@ -9,8 +9,10 @@
  * nothing. The whole file is decoded before anything is applied: a file
  * that is not CSV, or whose header names an unknown column, changes
  * nothing. Rows are committed in chunks of ROWS_PER_TXN (so that a large
- * file does not hold email locks that long); --dry-run runs every row in
- * one transaction and rolls it back, printing what each row would do. */
+ * file does not hold email locks that long, nor more advisory locks than
+ * the server's lock table holds); --dry-run runs the same chunks and rolls
+ * each back, printing what each row would do (so a row sees the effect of
+ * the rows before it in its chunk only). */
 #include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
@@ -237,7 +239,7 @@ int ctl_import(struct ctl *c)
 		struct row *w = &rs.v[i];
 		if (!in_txn) {
 			if (!run(conn, "admin_begin") ||
-			    !lock_chunk(conn, org, hash, &rs, i, dry ? rs.n : i + ROWS_PER_TXN))
+			    !lock_chunk(conn, org, hash, &rs, i, i + ROWS_PER_TXN))
 				goto out_rows;
 			in_txn = true;
 		}
@@ -275,8 +277,8 @@ int ctl_import(struct ctl *c)
 			       *w->email ? w->email : "-", detail);
 		}
 		PQclear(res);
-		if (!dry && (i + 1) % ROWS_PER_TXN == 0) {
-			if (!run(conn, "admin_commit"))
+		if ((i + 1) % ROWS_PER_TXN == 0) {
+			if (!run(conn, dry ? "admin_rollback" : "admin_commit"))
 				goto out_rows;
 			in_txn = false;
 		}

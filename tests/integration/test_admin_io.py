@@ -500,3 +500,17 @@ def test_dead_on_quorum_queue_loses_nothing(rosterd, publish, db, amqp):
     want = [bad[0]["id"], bad[2]["id"], bad[1]["id"]]
     wait_for(lambda: [x["id"] for x in json.loads(rosterctl("--json", "dead", "list").stdout)]
              == want, 30, 0.2, "the replayed message dead again, at the end")
+
+
+def test_import_dry_run_large_file(rosterd, publish, db, rosterctl, tmp_path):
+    """A dry run of more rows than one transaction takes changes nothing."""
+    rosterd()
+    settle(publish, db, [org_msg()])
+    f = tmp_path / "big.csv"
+    f.write_text("email\n" + "".join("d%04d@acme.example\n" % i for i in range(700)))
+    r = rosterctl("--json", "import", str(f), "--org", ORG, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["created"] == 700 and len(out["rows"]) == 700
+    assert db.query1("SELECT count(*) FROM report.contacts") == 0
+    assert db.query1("SELECT count(*) FROM report.messages WHERE message_id LIKE 'import:%%'") == 0
