@@ -19,6 +19,12 @@
 -- The erased contact is the one the id resolves to (merge tombstones are
 -- followed) together with every tombstone merged into it: one person.
 
+-- The lookups below by merge pointer and of a contact's notes would scan
+-- whole tables otherwise. IF NOT EXISTS: 0005 (merge) may create the same.
+CREATE INDEX IF NOT EXISTS contacts_merged_into ON rd.contacts (org, merged_into)
+	WHERE merged_into IS NOT NULL;
+CREATE INDEX IF NOT EXISTS notes_contact ON rd.notes (org, contact_id);
+
 -- Every contact of the group that resolves to p_cid: p_cid and the
 -- tombstones (transitively) merged into it.
 CREATE FUNCTION rd.contact_group(p_org text, p_cid uuid) RETURNS SETOF uuid
