@@ -439,6 +439,12 @@ def test_status(rosterd, publish, db, rosterctl):
     assert docs[0]["state"] == "running" and docs[0]["messages"]["applied"] >= 1
     r = rosterctl("status", "--wait", "2")
     assert r.returncode == 0 and rd.instance in r.stdout and "INSTANCE" in r.stdout
+    # two instances: the newest document of each, sorted by instance
+    rd2 = rosterd(status_interval=1)
+    r = rosterctl("--json", "status", "--wait", "3")
+    docs = json.loads(r.stdout)
+    assert [d["instance"] for d in docs] == sorted([rd.instance, rd2.instance])
+    rd2.stop()
     rd.stop()
     r = rosterctl("status", "--wait", "1")
     assert r.returncode == 0 and "no status document in 1 s" in r.stdout
