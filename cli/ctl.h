@@ -37,6 +37,12 @@ PGresult *ctl_query(PGconn *conn, const char *name, int n, const char *const *pa
 /* The value after option `name` (e.g. "--org") in the command's arguments,
  * or NULL. */
 const char *ctl_opt(struct ctl *c, const char *name);
+/* A blocking AMQP connection (channel 1 open) with the daemon's [amqp]
+ * settings, trying the configured URLs in order, or NULL (error printed).
+ * cli/dead.c. */
+struct amqp_connection_state_t_;
+struct amqp_connection_state_t_ *ctl_amqp_connect(struct ctl *c);
+void ctl_amqp_close(struct amqp_connection_state_t_ *st);
 
 int ctl_messages(struct ctl *c);
 int ctl_migrate(struct ctl *c);

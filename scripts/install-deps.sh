@@ -8,7 +8,7 @@ set -euo pipefail
 PACKAGES=(
   build-essential cmake pkg-config clang llvm libclang-rt-14-dev
   libevent-dev librabbitmq-dev libpq-dev libmsgpack-dev libesmtp-dev
-  libsystemd-dev libinih-dev libcmocka-dev libjansson-dev libunistring-dev
+  libsystemd-dev libinih-dev libcmocka-dev libjansson-dev libunistring-dev libcsv-dev
   postgresql postgresql-contrib rabbitmq-server amqp-tools postfix
   python3 python3-pika python3-psycopg2 python3-msgpack python3-pytest
   python3-aiosmtpd iproute2 procps psmisc openssl ca-certificates systemd
