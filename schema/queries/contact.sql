@@ -17,8 +17,10 @@ SELECT c.org, c.contact_id::text, coalesce(c.email, ''), coalesce(c.merged_into:
 
 -- name: contact_show
 -- The dashboard of one contact as one JSON document (sections: contact,
--- merges, bookings, attendances, invoices, key_figures, balances,
--- transactions, notes, outbox, activity, field_history).
+-- live_contact, merges, bookings, attendances, invoices, key_figures,
+-- balances, transactions, notes, outbox, activity, field_history). Rows are
+-- those of the report views plus *_text: amounts formatted with their
+-- currency (rd.money_fmt).
 WITH k AS (SELECT $1::text AS org, $2::uuid AS cid)
 SELECT jsonb_build_object(
 	'contact', (SELECT to_jsonb(c) FROM report.contacts c, k
@@ -27,28 +29,38 @@ SELECT jsonb_build_object(
 	'merges', coalesce((SELECT jsonb_agg(to_jsonb(m) ORDER BY m.merge_id)
 			      FROM report.merges m, k
 			     WHERE m.org = k.org AND k.cid::text IN (m.keep_id, m.drop_id)), '[]'),
-	'bookings', coalesce((SELECT jsonb_agg(to_jsonb(b) || jsonb_build_object('offer_title', o.title)
+	'bookings', coalesce((SELECT jsonb_agg(to_jsonb(b) || jsonb_build_object('offer_title', o.title,
+						'total_text', rd.money_fmt(b.total, b.currency))
 					       ORDER BY b.created_at, b.booking_id)
 				FROM report.bookings b CROSS JOIN k
 				LEFT JOIN rd.offers o ON o.org = b.org AND o.offer_id = b.offer_id
 			       WHERE b.org = k.org AND b.contact_id = k.cid::text), '[]'),
 	'attendances', coalesce((SELECT jsonb_agg(to_jsonb(a) || jsonb_build_object(
-							'offer_id', b.offer_id, 'offer_title', o.title)
+							'offer_id', b.offer_id, 'offer_title', o.title,
+							'price_text', rd.money_fmt(a.price, b.currency))
 						  ORDER BY a.booking_id, a.attendee_id)
 				   FROM report.attendees a CROSS JOIN k
 				   JOIN rd.bookings b ON b.org = a.org AND b.booking_id = a.booking_id
 				   LEFT JOIN rd.offers o ON o.org = b.org AND o.offer_id = b.offer_id
 				  WHERE a.org = k.org AND a.contact_id = k.cid::text), '[]'),
-	'invoices', coalesce((SELECT jsonb_agg(to_jsonb(i) ORDER BY i.invoice_id)
+	'invoices', coalesce((SELECT jsonb_agg(to_jsonb(i) || jsonb_build_object(
+					'amount_text', rd.money_fmt(i.amount, i.currency),
+					'paid_text', rd.money_fmt(i.paid, i.currency),
+					'open_text', rd.money_fmt(i.open, i.currency)) ORDER BY i.invoice_id)
 				FROM report.invoices i, k
 			       WHERE i.org = k.org AND i.contact_id = k.cid::text), '[]'),
-	'key_figures', coalesce((SELECT jsonb_agg(to_jsonb(f) ORDER BY f.currency)
+	'key_figures', coalesce((SELECT jsonb_agg(to_jsonb(f) || jsonb_build_object(
+					'revenue_text', rd.money_fmt(f.revenue, f.currency),
+					'outstanding_text', rd.money_fmt(f.outstanding, f.currency))
+					ORDER BY f.currency)
 				   FROM report.key_figures f, k
 				  WHERE f.org = k.org AND f.contact_id = k.cid::text), '[]'),
-	'balances', coalesce((SELECT jsonb_agg(to_jsonb(x) ORDER BY x.currency)
+	'balances', coalesce((SELECT jsonb_agg(to_jsonb(x) || jsonb_build_object(
+					'balance_text', rd.money_fmt(x.balance, x.currency)) ORDER BY x.currency)
 				FROM report.balances x, k
 			       WHERE x.org = k.org AND x.contact_id = k.cid::text), '[]'),
-	'transactions', coalesce((SELECT jsonb_agg(to_jsonb(t) ORDER BY t.at, t.transaction_id)
+	'transactions', coalesce((SELECT jsonb_agg(to_jsonb(t) || jsonb_build_object(
+					'amount_text', rd.money_fmt(t.amount, t.currency)) ORDER BY t.at, t.transaction_id)
 				    FROM report.transactions t, k
 				   WHERE t.org = k.org AND t.contact_id = k.cid::text), '[]'),
 	'notes', coalesce((SELECT jsonb_agg(jsonb_build_object('at', n.at, 'author', n.author,
