@@ -145,10 +145,11 @@ static void print_dashboard(const json_t *doc)
 	printf("  (org ");
 	put_esc(val(c, "org", b1, sizeof(b1)));
 	printf(")\n");
-	if (*val(c, "merged_into", b1, sizeof(b1))) {
-		printf("  MERGED into %s", b1);
+	const char *into = val(c, "merged_into", b1, sizeof(b1));
+	if (*into) {
+		printf("  MERGED into %s", into);
 		const char *live = val(doc, "live_contact", b2, sizeof(b2));
-		if (*live && strcmp(live, b1) != 0)
+		if (*live && strcmp(live, into) != 0)
 			printf(" (now %s)", live);
 		printf(": this is a tombstone; its records are on that contact\n");
 	}
