@@ -30,6 +30,8 @@ $$;
 CREATE INDEX contacts_name_trgm ON rd.contacts
 	USING gin (rd.contact_name(first_name, last_name) gin_trgm_ops)
 	WHERE merged_into IS NULL;
+CREATE INDEX contacts_last_name ON rd.contacts (org, lower(last_name)) WHERE merged_into IS NULL;
+CREATE INDEX contacts_first_name ON rd.contacts (org, lower(first_name)) WHERE merged_into IS NULL;
 CREATE INDEX contacts_email_trgm ON rd.contacts USING gin (email gin_trgm_ops)
 	WHERE merged_into IS NULL;
 CREATE INDEX contacts_company_trgm ON rd.contacts USING gin (lower(company) gin_trgm_ops)
@@ -558,24 +560,53 @@ LANGUAGE sql STABLE AS $$
 	WITH live AS (
 		SELECT c.contact_id, c.email, rd.contact_name(c.first_name, c.last_name) AS name,
 		       rd.phone_key(c.phone) AS phone, c.birthdate, nullif(lower(btrim(c.zip)), '') AS zip,
-		       c.created_at
+		       c.created_at, lower(c.first_name) AS first_l, lower(c.last_name) AS last_l
 		  FROM rd.contacts c
 		 WHERE c.org = p_org AND c.merged_into IS NULL AND NOT c.erased),
+	-- Each contact is paired with at most 10 others per kind of pair (for
+	-- the same email or name the next ones by id, for similar names the most
+	-- similar), each probe going through an index: the work grows with the
+	-- number of contacts, not with the number of all pairs, also when
+	-- thousands share a name. Similar names are looked for within blocks:
+	-- the same last name, or the same first name and the same first letter
+	-- of the last name ("Johana/Johanna Schneiderhan", "Anna Müller/Muller").
 	pairs AS (
-		SELECT a.contact_id AS x, b.contact_id AS y FROM live a
-		  JOIN live b ON b.email = a.email AND b.contact_id > a.contact_id
+		SELECT a.contact_id AS x, n.contact_id AS y FROM live a
+		 CROSS JOIN LATERAL (
+			SELECT b.contact_id FROM rd.contacts b
+			 WHERE b.org = p_org AND b.email = a.email AND b.merged_into IS NULL
+			   AND NOT b.erased AND b.contact_id > a.contact_id
+			 ORDER BY b.contact_id LIMIT 10) n
 		UNION
-		SELECT a.contact_id, b.contact_id FROM live a
-		  JOIN live b ON b.name = a.name AND b.contact_id > a.contact_id
+		SELECT a.contact_id, n.contact_id FROM live a
+		 CROSS JOIN LATERAL (
+			SELECT b.contact_id FROM rd.contacts b
+			 WHERE b.org = p_org AND rd.contact_name(b.first_name, b.last_name) = a.name
+			   AND b.merged_into IS NULL AND NOT b.erased AND b.contact_id > a.contact_id
+			 ORDER BY b.contact_id LIMIT 10) n
 		UNION
-		SELECT a.contact_id, b.contact_id FROM live a
-		  JOIN live b ON b.name % a.name AND b.contact_id > a.contact_id
+		SELECT least(a.contact_id, n.contact_id), greatest(a.contact_id, n.contact_id)
+		  FROM live a
+		 CROSS JOIN LATERAL (
+			SELECT b.contact_id FROM rd.contacts b
+			 WHERE b.org = p_org AND b.merged_into IS NULL AND NOT b.erased
+			   AND b.contact_id <> a.contact_id
+			   AND (lower(b.last_name) = a.last_l
+				OR (lower(b.first_name) = a.first_l
+				    AND left(lower(b.last_name), 1) = left(a.last_l, 1)))
+			   AND rd.contact_name(b.first_name, b.last_name) <> a.name -- same name: above
+			   AND similarity(rd.contact_name(b.first_name, b.last_name), a.name) >= 0.5
+			 ORDER BY similarity(rd.contact_name(b.first_name, b.last_name), a.name) DESC,
+				  b.contact_id
+			 LIMIT 10) n
+		 WHERE a.last_l IS NOT NULL
 		UNION
 		SELECT least(d.contact_a, d.contact_b), greatest(d.contact_a, d.contact_b)
 		  FROM rd.duplicate_candidates d
-		  JOIN live a ON a.contact_id = d.contact_a
-		  JOIN live b ON b.contact_id = d.contact_b
-		 WHERE d.org = p_org),
+		 WHERE d.org = p_org
+		   AND NOT EXISTS (SELECT 1 FROM rd.contacts c
+				    WHERE c.org = p_org AND c.contact_id IN (d.contact_a, d.contact_b)
+				      AND (c.merged_into IS NOT NULL OR c.erased))),
 	scored AS (
 		SELECT CASE WHEN (a.created_at, a.contact_id) <= (b.created_at, b.contact_id)
 			    THEN a.contact_id ELSE b.contact_id END AS ca,
@@ -583,8 +614,19 @@ LANGUAGE sql STABLE AS $$
 			    THEN b.contact_id ELSE a.contact_id END AS cb,
 		       r.reasons, r.points
 		  FROM pairs p
-		  JOIN live a ON a.contact_id = p.x
-		  JOIN live b ON b.contact_id = p.y
+		  -- by primary key per pair (a plain join lets the planner, misled
+		  -- by the estimates of the union, pair every live contact with
+		  -- every other first)
+		 CROSS JOIN LATERAL (
+			SELECT c.contact_id, c.email, rd.contact_name(c.first_name, c.last_name) AS name,
+			       rd.phone_key(c.phone) AS phone, c.birthdate,
+			       nullif(lower(btrim(c.zip)), '') AS zip, c.created_at
+			  FROM rd.contacts c WHERE c.org = p_org AND c.contact_id = p.x) a
+		 CROSS JOIN LATERAL (
+			SELECT c.contact_id, c.email, rd.contact_name(c.first_name, c.last_name) AS name,
+			       rd.phone_key(c.phone) AS phone, c.birthdate,
+			       nullif(lower(btrim(c.zip)), '') AS zip, c.created_at
+			  FROM rd.contacts c WHERE c.org = p_org AND c.contact_id = p.y) b
 		  CROSS JOIN LATERAL (
 			SELECT array_agg(w.reason ORDER BY w.points DESC, w.reason) AS reasons,
 			       sum(w.points) AS points
