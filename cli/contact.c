@@ -160,8 +160,8 @@ static void print_dashboard(const json_t *doc)
 	const char *last = val(c, "last_name", b2, sizeof(b2));
 	snprintf(name, sizeof(name), "%s%s%s", first, *first && *last ? " " : "", last);
 	field("name", name);
-	static const char *const keys[] = {"email",  "company", "phone",   "street",    "zip",
-					   "city",   "country", "language", "birthdate", "barcode"};
+	static const char *const keys[] = {"email", "company", "phone",	   "street",	"zip",
+					   "city",  "country", "language", "birthdate", "barcode"};
 	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
 		field(keys[i], val(c, keys[i], b1, sizeof(b1)));
 	field("created", when(c, "created_at", b1, sizeof(b1)));
@@ -194,12 +194,10 @@ static void print_dashboard(const json_t *doc)
 		}
 	}
 
-	static const struct col merges[] = {{"merge_id", "MERGE", 6, false},
-					    {"at", "AT", 19, true},
-					    {"keep_id", "KEEP", 36, false},
-					    {"drop_id", "DROP", 36, false},
-					    {"by", "BY", 9, false},
-					    {"unmerged_at", "UNDONE", 0, true}};
+	static const struct col merges[] = {
+	    {"merge_id", "MERGE", 6, false}, {"at", "AT", 19, true},
+	    {"keep_id", "KEEP", 36, false},  {"drop_id", "DROP", 36, false},
+	    {"by", "BY", 9, false},	     {"unmerged_at", "UNDONE", 0, true}};
 	if (json_array_size(json_object_get(doc, "merges")))
 		table("Merges", json_object_get(doc, "merges"), merges, 6);
 	static const struct col key_figures[] = {{"currency", "CURRENCY", 8, false},
@@ -210,21 +208,17 @@ static void print_dashboard(const json_t *doc)
 	static const struct col balances[] = {{"currency", "CURRENCY", 8, false},
 					      {"balance_text", "BALANCE", 0, false}};
 	table("Balances", json_object_get(doc, "balances"), balances, 2);
-	static const struct col bookings[] = {{"booking_id", "BOOKING", 14, false},
-					      {"number", "NUMBER", 10, false},
-					      {"offer_title", "OFFER", 24, false},
-					      {"status", "STATUS", 9, false},
-					      {"version", "V", 3, false},
-					      {"total_text", "TOTAL", 14, false},
-					      {"match", "MATCH", 0, false}};
+	static const struct col bookings[] = {
+	    {"booking_id", "BOOKING", 14, false}, {"number", "NUMBER", 10, false},
+	    {"offer_title", "OFFER", 24, false},  {"status", "STATUS", 9, false},
+	    {"version", "V", 3, false},		  {"total_text", "TOTAL", 14, false},
+	    {"match", "MATCH", 0, false}};
 	table("Bookings (as booker)", json_object_get(doc, "bookings"), bookings, 7);
-	static const struct col attendances[] = {{"booking_id", "BOOKING", 14, false},
-						 {"attendee_id", "ATTENDEE", 12, false},
-						 {"offer_title", "OFFER", 24, false},
-						 {"status", "STATUS", 9, false},
-						 {"category", "CATEGORY", 10, false},
-						 {"price_text", "PRICE", 14, false},
-						 {"match", "MATCH", 0, false}};
+	static const struct col attendances[] = {
+	    {"booking_id", "BOOKING", 14, false}, {"attendee_id", "ATTENDEE", 12, false},
+	    {"offer_title", "OFFER", 24, false},  {"status", "STATUS", 9, false},
+	    {"category", "CATEGORY", 10, false},  {"price_text", "PRICE", 14, false},
+	    {"match", "MATCH", 0, false}};
 	table("Attendances", json_object_get(doc, "attendances"), attendances, 7);
 	static const struct col invoices[] = {{"invoice_id", "INVOICE", 14, false},
 					      {"number", "NUMBER", 10, false},
@@ -240,9 +234,8 @@ static void print_dashboard(const json_t *doc)
 					{"invoice_id", "INVOICE", 14, false},
 					{"text", "TEXT", 0, false}};
 	table("Transactions", json_object_get(doc, "transactions"), tx, 5);
-	static const struct col notes[] = {{"at", "AT", 19, true},
-					   {"author", "AUTHOR", 16, false},
-					   {"text", "TEXT", 0, false}};
+	static const struct col notes[] = {
+	    {"at", "AT", 19, true}, {"author", "AUTHOR", 16, false}, {"text", "TEXT", 0, false}};
 	table("Notes", json_object_get(doc, "notes"), notes, 3);
 	static const struct col outbox[] = {{"created_at", "CREATED", 19, true},
 					    {"outbox_id", "ID", 6, false},
@@ -252,9 +245,8 @@ static void print_dashboard(const json_t *doc)
 					    {"to_address", "TO", 28, false},
 					    {"last_error", "SMTP REPLY / ERROR", 0, false}};
 	table("Outbox", json_object_get(doc, "outbox"), outbox, 7);
-	static const struct col activity[] = {{"at", "AT", 19, true},
-					      {"kind", "KIND", 20, false},
-					      {"summary", "SUMMARY", 0, false}};
+	static const struct col activity[] = {
+	    {"at", "AT", 19, true}, {"kind", "KIND", 20, false}, {"summary", "SUMMARY", 0, false}};
 	table("Activity", json_object_get(doc, "activity"), activity, 3);
 	static const struct col history[] = {{"at", "AT", 19, true},
 					     {"field", "FIELD", 16, false},
@@ -284,15 +276,16 @@ static int lookup(PGconn *conn, const char *org, const char *arg, char *org_out,
 		char ids[1024] = "";
 		size_t len = 0;
 		for (int r = 0; r < n && len + 80 < sizeof(ids); r++)
-			len += (size_t)snprintf(ids + len, sizeof(ids) - len, "%s%s%s%s", r ? ", " : "",
-						orgs ? PQgetvalue(res, r, 0) : "", orgs ? "/" : "",
-						PQgetvalue(res, r, 1));
+			len += (size_t)snprintf(ids + len, sizeof(ids) - len, "%s%s%s%s",
+						r ? ", " : "", orgs ? PQgetvalue(res, r, 0) : "",
+						orgs ? "/" : "", PQgetvalue(res, r, 1));
 		if (orgs)
-			rc = ctl_die("contact show: %s is in several organisations (%s): give --org", arg,
-				     ids);
+			rc =
+			    ctl_die("contact show: %s is in several organisations (%s): give --org",
+				    arg, ids);
 		else
-			rc = ctl_die("contact show: %d contacts have the email %s (%s): give an id", n,
-				     arg, ids);
+			rc = ctl_die("contact show: %d contacts have the email %s (%s): give an id",
+				     n, arg, ids);
 	} else {
 		snprintf(org_out, 128, "%s", PQgetvalue(res, 0, 0));
 		snprintf(id_out, 64, "%s", PQgetvalue(res, 0, 1));
@@ -394,8 +387,8 @@ static int contact_find(struct ctl *c)
 		json_t *arr = json_array();
 		for (int r = 0; r < PQntuples(res); r++) {
 			json_t *o = json_object();
-			static const char *const cols[] = {"org",  "contact_id", "email",  "name",
-							   "company", "score",     "matched"};
+			static const char *const cols[] = {
+			    "org", "contact_id", "email", "name", "company", "score", "matched"};
 			for (int k = 0; k < 7; k++) {
 				const char *v = PQgetvalue(res, r, k);
 				if (k == F_SCORE)

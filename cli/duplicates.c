@@ -63,8 +63,9 @@ int ctl_duplicates(struct ctl *c)
 			    "a", "contact_id", PQgetvalue(res, r, D_A), "email",
 			    str_or_null(PQgetvalue(res, r, D_EMAIL_A)), "name",
 			    str_or_null(PQgetvalue(res, r, D_NAME_A)), "b", "contact_id",
-			    PQgetvalue(res, r, D_B), "email", str_or_null(PQgetvalue(res, r, D_EMAIL_B)),
-			    "name", str_or_null(PQgetvalue(res, r, D_NAME_B)), "reasons",
+			    PQgetvalue(res, r, D_B), "email",
+			    str_or_null(PQgetvalue(res, r, D_EMAIL_B)), "name",
+			    str_or_null(PQgetvalue(res, r, D_NAME_B)), "reasons",
 			    reasons ? reasons : json_array());
 			if (o)
 				json_array_append_new(arr, o);
@@ -99,8 +100,8 @@ int ctl_duplicates(struct ctl *c)
 				put_esc(json_string_value(x) ? json_string_value(x) : "");
 			}
 			json_decref(reasons);
-			printf("\n     merge:   rosterctl merge %s %s --org ", PQgetvalue(res, r, D_A),
-			       PQgetvalue(res, r, D_B));
+			printf("\n     merge:   rosterctl merge %s %s --org ",
+			       PQgetvalue(res, r, D_A), PQgetvalue(res, r, D_B));
 			put_esc(PQgetvalue(res, r, D_ORG));
 			printf("\n\n");
 		}

@@ -83,7 +83,7 @@ static void print_list(const char *label, const json_t *arr)
 	size_t i;
 	const json_t *x;
 	json_array_foreach(arr, i, x)
-	printf("%s%s", i ? ", " : "", json_string_value(x) ? json_string_value(x) : "");
+	    printf("%s%s", i ? ", " : "", json_string_value(x) ? json_string_value(x) : "");
 	putchar('\n');
 }
 
@@ -110,7 +110,8 @@ static int print_result(struct ctl *c, const char *cmd, const char *text, int un
 		       (long long)json_integer_value(json_object_get(doc, "merge_id")),
 		       json_string_value(json_object_get(doc, "drop")),
 		       json_string_value(json_object_get(doc, "keep")),
-		       json_is_true(json_object_get(doc, "exact")) ? ", both exactly as before" : "");
+		       json_is_true(json_object_get(doc, "exact")) ? ", both exactly as before"
+								   : "");
 		print_counts("moved back", json_object_get(doc, "moved_back"));
 		print_list("emptied again", json_object_get(doc, "emptied"));
 		if (json_array_size(json_object_get(doc, "kept")))
@@ -180,7 +181,8 @@ int ctl_unmerge(struct ctl *c)
 		return 1;
 	char found[128];
 	if (!org) {
-		if (find_org(conn, "unmerge", "unmerge_org", pos[0], "merge", found, sizeof(found))) {
+		if (find_org(conn, "unmerge", "unmerge_org", pos[0], "merge", found,
+			     sizeof(found))) {
 			PQfinish(conn);
 			return 1;
 		}
