@@ -270,6 +270,9 @@ def test_merge_and_unmerge_errors_and_tenancy(org, shared):
     fails(("merge", x, a), "contact %s is unknown in organisation %s" % (x, o.org))
     fails(("merge", x, a), "contact %s is unknown in organisation %s" % (a, other.org), org=False)
     fails(("contact", "show", x), "no contact %s in organisation %s" % (x, o.org))
+    fails(("contact", "show", "a@example.org"), "a@example.org is in several organisations",
+          org=False)
+    assert o.ctl_json("contact", "show", x, org=False)["contact"]["org"] == other.org
     fails(("merge", a, str(uuid.uuid4())), "is unknown in organisation")
     fails(("merge", a, "not-a-uuid"), "contact ids are UUIDs")
     fails(("merge", a, a), "keep and drop are the same contact")
