@@ -215,10 +215,10 @@ int ctl_messages(struct ctl *c)
 }
 
 static const struct ctl_cmd cmds[] = {
-    {"contact", "show ID|EMAIL --org ORG | find TEXT --org ORG",
+    {"contact", "show ID|EMAIL [--org ORG] | find TEXT [--org ORG] [--limit N]",
      "participant dashboard; search by email, name or company", ctl_contact},
     {"dead", "list|show N|replay N|replay --all", "the dead-letter queue", ctl_dead},
-    {"duplicates", "--org ORG [--limit N]", "candidate duplicate contacts, best first",
+    {"duplicates", "[--org ORG] [--limit N]", "candidate duplicate contacts, best first",
      ctl_duplicates},
     {"erase", "ID [--org ORG]", "erase a contact's personal data (GDPR)", ctl_erase},
     {"export", "VIEW [--org ORG] [--format csv|json] [-o FILE]", "export a report view",
@@ -227,7 +227,7 @@ static const struct ctl_cmd cmds[] = {
      "import contacts through the matching rules", ctl_import},
     {"ledger", "check [--org ORG]", "check that balances, transactions and invoices add up",
      ctl_ledger},
-    {"merge", "--org ORG KEEP DROP", "merge DROP into KEEP (reversible)", ctl_merge},
+    {"merge", "KEEP DROP [--org ORG]", "merge DROP into KEEP (reversible)", ctl_merge},
     {"messages", "--org ORG [--limit N]", "recent message outcomes of an organisation",
      ctl_messages},
     {"migrate", "", "apply pending schema migrations", ctl_migrate},
@@ -235,7 +235,7 @@ static const struct ctl_cmd cmds[] = {
      ctl_outbox},
     {"status", "[--wait SECONDS]", "the latest status document of every running instance",
      ctl_status},
-    {"unmerge", "--org ORG MERGE_ID", "undo a merge", ctl_unmerge},
+    {"unmerge", "MERGE_ID [--org ORG]", "undo a merge", ctl_unmerge},
 };
 
 static void usage(FILE *out)
