@@ -708,3 +708,39 @@ CREATE VIEW report.merges AS
 	SELECT org, merge_id, keep_id::text AS keep_id, drop_id::text AS drop_id, message_id, by,
 	       at, summary, unmerged_at
 	  FROM rd.merges;
+
+-- Erasure (SPEC 4.7, called by rd.contact_erase of 0006 for every contact
+-- of an erased group): the journal's images of the contact and the values
+-- the merges filled lose their personal data. What stays: ids, times, the
+-- rows moved (keys only) and which fields were filled. Such a merge can no
+-- longer be undone (rd.admin_unmerge refuses erased contacts).
+CREATE FUNCTION rd.merge_scrub(p jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+	SELECT CASE WHEN p IS NULL THEN NULL ELSE p || jsonb_build_object(
+		'email', NULL, 'first_name', NULL, 'last_name', NULL, 'company', NULL,
+		'phone', NULL, 'street', NULL, 'zip', NULL, 'city', NULL, 'country', NULL,
+		'birthdate', NULL, 'fields', '{}'::jsonb, 'tags', '[]'::jsonb) END
+$$;
+
+CREATE FUNCTION rd.merge_erase_contact(p_org text, p_cid uuid) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+	UPDATE rd.merges m
+	   SET keep_before = CASE WHEN m.keep_id = p_cid THEN rd.merge_scrub(m.keep_before)
+				  ELSE m.keep_before END,
+	       keep_after  = CASE WHEN m.keep_id = p_cid THEN rd.merge_scrub(m.keep_after)
+				  ELSE m.keep_after END,
+	       drop_before = CASE WHEN m.drop_id = p_cid THEN rd.merge_scrub(m.drop_before)
+				  ELSE m.drop_before END,
+	       drop_after  = CASE WHEN m.drop_id = p_cid THEN rd.merge_scrub(m.drop_after)
+				  ELSE m.drop_after END
+	 WHERE m.org = p_org AND (m.keep_id = p_cid OR m.drop_id = p_cid);
+	-- a filled value came from drop and now sits on keep: personal either way
+	UPDATE rd.merge_fills f
+	   SET old_value = CASE WHEN f.old_value IS NULL THEN NULL ELSE 'null'::jsonb END,
+	       new_value = 'null'::jsonb
+	  FROM rd.merges m
+	 WHERE f.org = p_org AND m.org = f.org AND m.merge_id = f.merge_id
+	   AND (m.keep_id = p_cid OR m.drop_id = p_cid);
+END;
+$$;
