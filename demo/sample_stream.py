@@ -60,6 +60,15 @@ def main():
                                                  "title": "Course %d" % (o + 1),
                                                  "currency": "CHF",
                                                  "email_change": "retain" if o == 2 else "reassign"}))
+    # mail templates (SPEC 4.8): confirmations and receipts for acme-events
+    for key, subj, body in (
+            ("booking_confirmation", "Ihre Buchung {{booking.number}}",
+             "Hallo {{contact.first_name}}\n\nDanke fuer Ihre Buchung {{booking.number}}"
+             " ({{offer.title}}).\n"),
+            ("payment_receipt", "Zahlung erhalten",
+             "Hallo {{contact.first_name}}, wir haben {{payment.amount}} erhalten.\n")):
+        pub(envelope("acme-events", "template.upserted",
+                     {"key": key, "language": "de", "subject": subj, "body": body}))
     # a booking whose offer arrives later: it waits in the retry queue
     late = envelope("acme-events", "booking.created", {
         "booking_id": "late-1", "version": 1, "offer_id": "acme-events-late", "number": "L-1",
@@ -102,6 +111,22 @@ def main():
         if b % 10 == 7:
             pub(envelope(org, "booking.cancelled", {"booking_id": "bk-%d" % b, "version": 2,
                                                     "reason": "ill"}))
+        elif b % 3 == 0:
+            # an invoice for the booking, paid in part or in full (SPEC 4.6)
+            inv = "inv-%d" % b
+            pub(envelope(org, "invoice.issued", {"invoice_id": inv, "booking_id": "bk-%d" % b,
+                                                 "amount": data["total"], "currency": "CHF",
+                                                 "number": "R-%04d" % b, "vat_bp": 810}))
+            paid = data["total"] if b % 2 == 0 else data["total"] // 2
+            pub(envelope(org, "payment.recorded", {"payment_id": "pay-%d" % b,
+                                                   "invoice_id": inv, "amount": paid,
+                                                   "currency": "CHF", "method": "card"}))
+    # the same person twice, entered by hand with another email: a
+    # duplicate candidate (same name and phone)
+    for email in ("vreni.huber@example.org", "v.huber@example.net"):
+        pub(envelope("acme-events", "contact.upserted", {
+            "email": email, "first_name": "Vreni", "last_name": "Huber",
+            "phone": "+41 31 555 12 34", "city": "Bern", "match": "email"}))
     pub(envelope("acme-events", "offer.upserted", {"offer_id": "acme-events-late",
                                                    "title": "Late course"}))
     pub(None, raw=b"\xdd\xff\xff\xff\xff")          # not an envelope

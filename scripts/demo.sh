@@ -96,8 +96,31 @@ for _ in range(50):
     time.sleep(0.1)
 c.close()
 PYEOF
+ctl() { ./build/rosterctl -c "$STATE/rosterd.conf" "$@"; }
 echo "== rosterctl messages --org acme-events (latest 5)"
-./build/rosterctl -c "$STATE/rosterd.conf" messages --org acme-events --limit 5
+ctl messages --org acme-events --limit 5
+echo "== balances per contact and currency (report.balances, first 5)"
+db -c "SELECT org, contact_id, currency, balance FROM report.balances ORDER BY org, balance LIMIT 5"
+echo "== rosterctl ledger check"
+ctl ledger check
+echo "== the outbox (SPEC 4.8) and the mails the SMTP sink received"
+for _ in $(seq 1 50); do
+  [ "$(db -Atc "SELECT count(*) FROM report.outbox WHERE status IN ('queued','sending')")" = 0 ] && break
+  sleep 0.2
+done
+db -c "SELECT org, template, status, count(*) FROM report.outbox GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+echo "mails in the SMTP sink: $(find "$SMTP_DIR" -type f -name "*.eml" 2>/dev/null | wc -l)"
+VRENI=$(db -Atc "SELECT contact_id FROM report.contacts WHERE org = 'acme-events' AND email = 'vreni.huber@example.org'")
+OTHER=$(db -Atc "SELECT contact_id FROM report.contacts WHERE org = 'acme-events' AND email = 'v.huber@example.net'")
+echo "== rosterctl duplicates --org acme-events --limit 3"
+ctl duplicates --org acme-events --limit 3
+echo "== rosterctl merge $VRENI $OTHER"
+ctl merge "$VRENI" "$OTHER" --org acme-events
+echo "== rosterctl contact show vreni.huber@example.org --org acme-events"
+ctl contact show vreni.huber@example.org --org acme-events
+MID=$(db -Atc "SELECT merge_id FROM report.merges WHERE org = 'acme-events' ORDER BY merge_id DESC LIMIT 1")
+echo "== rosterctl unmerge $MID"
+ctl unmerge "$MID" --org acme-events
 echo; echo "== stopping rosterd (SIGTERM drains)"
 kill -TERM "$ROSTERD_PID"; wait "$ROSTERD_PID" && echo "rosterd exited 0"
 ROSTERD_PID=""
