@@ -68,12 +68,15 @@ int ctl_export(struct ctl *c)
 	if (c->json)
 		format = "json";
 
-	PGconn *conn = ctl_connect(c);
+	/* read-only: as rosterd_reader where the login may (docs/security.md) */
+	PGconn *conn = ctl_connect_reader(c);
 	if (!conn)
 		return 1;
 	int rc = 1;
 	char *tmp = NULL;
 	struct out o = {.f = stdout, .json = strcmp(format, "json") == 0};
+	if (!org && !ctl_sees_all_orgs(conn, "export"))
+		goto out;
 	PGresult *res = ctl_query(conn, "export_views", 0, NULL);
 	if (!res)
 		goto out;

@@ -287,6 +287,11 @@ def test_rosterctl_scoped_by_login(sec, rosterd, publish, db, smtp, tmp_path):
     # an organisation that is not there is simply empty
     r = harness.rosterctl(app, "--json", "messages", "--org", "C", check=True)
     assert r.stdout.strip() == "[]"
+    # export reads as rosterd_reader (read-only), one organisation at a time
+    r = harness.rosterctl(owner, "export", "contacts", "--org", "A", check=True)
+    assert "anna@a.example" in r.stdout and "zoe@b.example" not in r.stdout
+    r = harness.rosterctl(owner, "export", "contacts")
+    assert r.returncode != 0 and "export: this login sees no organisation" in r.stderr
 
 
 # --- tables added later --------------------------------------------------------------
