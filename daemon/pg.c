@@ -309,6 +309,21 @@ static enum rd_status conn_open(struct rd_pgconn *c, struct rd_err *err)
 	PGconn *conn = rd_pg_connect_blocking(c->pg->cfg, err);
 	if (!conn)
 		return RD_FAIL;
+	/* Every statement rd.apply runs looks rows up by key. Its PL/pgSQL
+	 * plans are made once per connection, and a table that is small at
+	 * that moment (a new database, or just after autovacuum analysed it
+	 * while small) gets a sequential scan that stays cached while the
+	 * table grows: the same lookups then cost a scan each. The planner
+	 * still scans sequentially where no index applies; results never
+	 * depend on this. See docs/performance.md. */
+	PGresult *set = PQexec(conn, "SET enable_seqscan = off");
+	if (PQresultStatus(set) != PGRES_COMMAND_OK) {
+		rd_errf(err, RD_FAIL, "postgres: SET enable_seqscan: %s", PQresultErrorMessage(set));
+		PQclear(set);
+		PQfinish(conn);
+		return RD_FAIL;
+	}
+	PQclear(set);
 	if (prepare_all(conn, err) != RD_OK) {
 		PQfinish(conn);
 		return RD_FAIL;
