@@ -196,8 +196,12 @@ CREATE FUNCTION rd.activity_add(p_org text, p_contact uuid, p_kind text, p_summa
 				p_msg text)
 RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
+	-- rd.msg_at, written out: one statement instead of a nested call
 	INSERT INTO rd.activity (org, contact_id, at, kind, summary, message_id)
-	VALUES (p_org, p_contact, rd.msg_at(p_org, p_msg), p_kind, p_summary, p_msg);
+	VALUES (p_org, p_contact,
+		coalesce((SELECT m.upstream_at FROM rd.messages m
+			   WHERE m.org = p_org AND m.message_id = p_msg), now()),
+		p_kind, p_summary, p_msg);
 END $$;
 
 -- One row per changed field per message (SPEC 9): a second change of the
@@ -1062,7 +1066,10 @@ BEGIN
 			booker = v_booker,
 			total = coalesce((d->>'total')::bigint, b.total),
 			currency = coalesce(d->>'currency', b.currency, v_offer.currency),
-			list_version = CASE WHEN v_list THEN v_version ELSE b.list_version END
+			list_version = CASE WHEN v_list THEN v_version ELSE b.list_version END,
+			-- what the end of this function sets for every message (one
+			-- row version less; nothing in between reads them)
+			version = greatest(b.version, v_version), message_id = p_id, updated_at = now()
 		 WHERE b.org = p_org AND b.booking_id = v_bid;
 		-- new attendees take it; rd.booking_settle logs the changes of the others
 		v_status := rd.booking_status(p_org, v_bid);
@@ -1095,9 +1102,11 @@ BEGIN
 	FOR v_att IN SELECT * FROM jsonb_array_elements(coalesce(d->'attendees', '[]')) LOOP
 		PERFORM rd.attendee_apply(p_org, v_bid, v_att, v_version, v_sync, v_rule, p_id);
 	END LOOP;
-	UPDATE rd.bookings SET version = greatest(version, v_version), message_id = p_id,
-			       updated_at = now()
-	 WHERE org = p_org AND booking_id = v_bid;
+	IF NOT v_data THEN
+		UPDATE rd.bookings SET version = greatest(version, v_version), message_id = p_id,
+				       updated_at = now()
+		 WHERE org = p_org AND booking_id = v_bid;
+	END IF;
 	PERFORM rd.booking_settle(p_org, v_bid, p_id);
 	RETURN 'applied';
 END $$;

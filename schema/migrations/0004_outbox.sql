@@ -431,7 +431,12 @@ CREATE FUNCTION rd.outbox_claim(p_claim text, p_limit integer, p_lease_ms intege
 RETURNS TABLE (org text, outbox_id bigint, from_address text, reply_to text, to_name text,
 	       to_address text, subject text, body text, message_id text, created_ms bigint,
 	       window_ms bigint, window_attempts integer, attempts integer)
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+	-- PL/pgSQL: each call is a transaction of its own, in which a
+	-- LANGUAGE sql body would be planned again (idle workers poll it)
+	RETURN QUERY
 	WITH c AS (
 		SELECT o.org, o.outbox_id FROM rd.outbox o
 		 WHERE o.status IN ('queued', 'retrying', 'sending') AND o.due_at <= now()
@@ -447,8 +452,8 @@ LANGUAGE sql AS $$
 	RETURNING o.org, o.outbox_id, o.from_address, o.reply_to, o.to_name, o.to_address,
 		  o.subject, o.body, o.message_id,
 		  (extract(epoch FROM o.created_at) * 1000)::bigint,
-		  (extract(epoch FROM o.window_at) * 1000)::bigint, o.window_attempts, o.attempts
-$$;
+		  (extract(epoch FROM o.window_at) * 1000)::bigint, o.window_attempts, o.attempts;
+END $$;
 
 CREATE FUNCTION rd.outbox_renew(p_claim text, p_lease_ms integer) RETURNS integer
 LANGUAGE sql AS $$
