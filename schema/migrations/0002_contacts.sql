@@ -468,7 +468,9 @@ BEGIN
 			v_old := v_fields->v_key;
 		ELSE
 			v_key := v_hkey;
-			v_why := rd.person_value_problem(v_key, v_new #>> '{}');
+			-- only country and birthdate have rules (rd.person_value_problem)
+			v_why := CASE WHEN v_key IN ('country', 'birthdate')
+				      THEN rd.person_value_problem(v_key, v_new #>> '{}') END;
 			IF v_why IS NULL THEN
 				v_new := to_jsonb(rd.person_value_norm(v_key, v_new #>> '{}'));
 			END IF;
@@ -1040,10 +1042,7 @@ BEGIN
 		PERFORM rd.wait(format('offer %s not yet seen', d->>'offer_id'));
 	END IF;
 
-	IF NOT v_found THEN
-		INSERT INTO rd.bookings (org, booking_id, version, message_id)
-		VALUES (p_org, v_bid, v_version, p_id);
-	END IF;
+	-- a booking not seen before is inserted with its data below (v_data)
 	IF v_data THEN
 		-- the booker as stored, if booking-level data was applied before
 		IF v_prev.data_version IS NULL OR v_prev.data_version = 0 THEN
@@ -1055,22 +1054,34 @@ BEGIN
 			v_prev.contact_id, v_prev.booker->>'email', v_prev.match,
 			v_offer.email_change, format('booker of booking %s', v_bid));
 		v_booker := rd.person_merge(v_prev.booker, v_booker);
-		UPDATE rd.bookings b SET
-			offer_id = d->>'offer_id',
-			number = coalesce(d->>'number', b.number),
-			data_status = coalesce(d->>'status', 'confirmed'),
-			data_version = v_version,
-			contact_id = r.contact_id,
-			email = coalesce(v_booker->>'email', v_booker->>'email_given'),
-			match = r.match,
-			booker = v_booker,
-			total = coalesce((d->>'total')::bigint, b.total),
-			currency = coalesce(d->>'currency', b.currency, v_offer.currency),
-			list_version = CASE WHEN v_list THEN v_version ELSE b.list_version END,
-			-- what the end of this function sets for every message (one
-			-- row version less; nothing in between reads them)
-			version = greatest(b.version, v_version), message_id = p_id, updated_at = now()
-		 WHERE b.org = p_org AND b.booking_id = v_bid;
+		IF NOT v_found THEN
+			-- as the UPDATE below would set a new row: one row version
+			INSERT INTO rd.bookings (org, booking_id, offer_id, number, data_status,
+						 data_version, contact_id, email, match, booker, total,
+						 currency, list_version, version, message_id)
+			VALUES (p_org, v_bid, d->>'offer_id', d->>'number',
+				coalesce(d->>'status', 'confirmed'), v_version, r.contact_id,
+				coalesce(v_booker->>'email', v_booker->>'email_given'), r.match, v_booker,
+				(d->>'total')::bigint, coalesce(d->>'currency', v_offer.currency),
+				CASE WHEN v_list THEN v_version ELSE 0 END, v_version, p_id);
+		ELSE
+			UPDATE rd.bookings b SET
+				offer_id = d->>'offer_id',
+				number = coalesce(d->>'number', b.number),
+				data_status = coalesce(d->>'status', 'confirmed'),
+				data_version = v_version,
+				contact_id = r.contact_id,
+				email = coalesce(v_booker->>'email', v_booker->>'email_given'),
+				match = r.match,
+				booker = v_booker,
+				total = coalesce((d->>'total')::bigint, b.total),
+				currency = coalesce(d->>'currency', b.currency, v_offer.currency),
+				list_version = CASE WHEN v_list THEN v_version ELSE b.list_version END,
+				-- what the end of this function sets for every message (one
+				-- row version less; nothing in between reads them)
+				version = greatest(b.version, v_version), message_id = p_id, updated_at = now()
+			 WHERE b.org = p_org AND b.booking_id = v_bid;
+		END IF;
 		-- new attendees take it; rd.booking_settle logs the changes of the others
 		v_status := rd.booking_status(p_org, v_bid);
 		IF r.contact_id IS NOT NULL THEN
