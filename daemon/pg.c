@@ -20,6 +20,10 @@
 
 #define RD_PG_BACKOFF_MIN_MS 100
 #define RD_PG_BACKOFF_MAX_MS 2000
+/* DISCARD PLANS after 2 s on a connection, then after doubling intervals up
+ * to a minute (see rd_pg_submit) */
+#define RD_PG_REPLAN_MIN_US 2000000
+#define RD_PG_REPLAN_MAX_US 60000000
 
 enum conn_state { C_DOWN, C_IDLE, C_BUSY };
 
@@ -32,6 +36,8 @@ struct rd_pgconn {
 	struct event *timer;
 	enum conn_state state;
 	int backoff_ms;
+	int64_t replan_at_us;
+	int64_t replan_every_us;
 	/* the job in flight */
 	rd_pg_row_cb on_row;
 	rd_pg_done_cb on_done;
@@ -326,6 +332,21 @@ static enum rd_status conn_open(struct rd_pgconn *c, struct rd_err *err)
 	PGconn *conn = rd_pg_connect_blocking(c->pg->cfg, err);
 	if (!conn)
 		return RD_FAIL;
+	/* Every statement rd.apply runs looks rows up by key. Its PL/pgSQL
+	 * plans are made once per connection, and a table that is small at
+	 * that moment (a new database, or just after autovacuum analysed it
+	 * while small) gets a sequential scan that stays cached while the
+	 * table grows: the same lookups then cost a scan each. The planner
+	 * still scans sequentially where no index applies; results never
+	 * depend on this. See docs/performance.md. */
+	PGresult *set = PQexec(conn, "SET enable_seqscan = off");
+	if (PQresultStatus(set) != PGRES_COMMAND_OK) {
+		rd_errf(err, RD_FAIL, "postgres: SET enable_seqscan: %s", PQresultErrorMessage(set));
+		PQclear(set);
+		PQfinish(conn);
+		return RD_FAIL;
+	}
+	PQclear(set);
 	if (prepare_all(conn, err) != RD_OK) {
 		PQfinish(conn);
 		return RD_FAIL;
@@ -342,6 +363,8 @@ static enum rd_status conn_open(struct rd_pgconn *c, struct rd_err *err)
 	event_add(c->rev, NULL);
 	c->state = C_IDLE;
 	c->backoff_ms = 0;
+	c->replan_every_us = RD_PG_REPLAN_MIN_US;
+	c->replan_at_us = rd_mono_us() + c->replan_every_us;
 	return RD_OK;
 }
 
@@ -468,6 +491,25 @@ enum rd_status rd_pg_submit(struct rd_pg *pg, int conn, const struct rd_pg_stmt 
 			conn_lost(c, PQerrorMessage(c->conn));
 			return RD_OK; /* on_done already called with RD_FAIL */
 		}
+	}
+	/* The plans PL/pgSQL caches for the session were made for the tables
+	 * as they were then. A table that was nearly empty (a new database)
+	 * gets plans that pick any index with org first and filter the rest:
+	 * a scan of the organisation's rows that grows with the table, until
+	 * autovacuum's next ANALYZE of it (a minute or more). Planning again
+	 * now and then, with the tables' current sizes, keeps the look-ups on
+	 * their keys; it costs a few milliseconds of planning per connection
+	 * and interval. The result comes after the job's statements (index
+	 * n: on_row callers ignore it). docs/performance.md */
+	int64_t now = rd_mono_us();
+	if (now >= c->replan_at_us) {
+		if (!PQsendQueryParams(c->conn, "DISCARD PLANS", 0, NULL, NULL, NULL, NULL, 0)) {
+			conn_lost(c, PQerrorMessage(c->conn));
+			return RD_OK;
+		}
+		if ((c->replan_every_us *= 2) > RD_PG_REPLAN_MAX_US)
+			c->replan_every_us = RD_PG_REPLAN_MAX_US;
+		c->replan_at_us = now + c->replan_every_us;
 	}
 	if (!PQpipelineSync(c->conn)) {
 		conn_lost(c, PQerrorMessage(c->conn));

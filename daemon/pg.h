@@ -43,7 +43,8 @@ void rd_pg_set_config(struct rd_pg *pg, const struct rd_config *cfg);
 /* Hand a job to connection `conn` (or to any idle one when conn < 0).
  * RD_OK when taken (callbacks follow from the loop; on a send failure
  * on_done(RD_FAIL) may run before this returns), RD_RETRY when that
- * connection is not idle. */
+ * connection is not idle. Now and then the job carries one more statement
+ * after the n given (DISCARD PLANS): on_row may see index n. */
 enum rd_status rd_pg_submit(struct rd_pg *pg, int conn, const struct rd_pg_stmt *stmts, int n,
 			    rd_pg_row_cb on_row, rd_pg_done_cb on_done, void *arg) RD_WUR;
 /* Is connection i up and idle (ready for a job) / up at all? */

@@ -175,18 +175,34 @@ CREATE TABLE rd.duplicate_candidates (
 
 -- The upstream time of a message being applied (its envelope's `at`, kept
 -- by rd.apply in rd.messages), or now() for a message not recorded there.
+--
+-- Performance (docs/performance.md): the helpers on the per-message path are
+-- PL/pgSQL, not LANGUAGE sql. A SQL function that the planner cannot inline
+-- (an INSERT, an UPDATE, a sub-select) is parsed and planned again at every
+-- call site in every subtransaction, and rd.apply runs each message in one:
+-- that was half of the server's CPU time. PL/pgSQL keeps its plans for the
+-- session.
 CREATE FUNCTION rd.msg_at(p_org text, p_msg text) RETURNS timestamptz
-LANGUAGE sql STABLE AS $$
-	SELECT coalesce((SELECT m.upstream_at FROM rd.messages m
-			  WHERE m.org = p_org AND m.message_id = p_msg), now())
-$$;
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+	v timestamptz;
+BEGIN
+	SELECT m.upstream_at INTO v FROM rd.messages m
+	 WHERE m.org = p_org AND m.message_id = p_msg;
+	RETURN coalesce(v, now());
+END $$;
 
 CREATE FUNCTION rd.activity_add(p_org text, p_contact uuid, p_kind text, p_summary text,
 				p_msg text)
-RETURNS void LANGUAGE sql AS $$
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+	-- rd.msg_at, written out: one statement instead of a nested call
 	INSERT INTO rd.activity (org, contact_id, at, kind, summary, message_id)
-	VALUES (p_org, p_contact, rd.msg_at(p_org, p_msg), p_kind, p_summary, p_msg)
-$$;
+	VALUES (p_org, p_contact,
+		coalesce((SELECT m.upstream_at FROM rd.messages m
+			   WHERE m.org = p_org AND m.message_id = p_msg), now()),
+		p_kind, p_summary, p_msg);
+END $$;
 
 -- One row per changed field per message (SPEC 9): a second change of the
 -- same field by the same message (a booker who is also an attendee) updates
@@ -216,9 +232,16 @@ END $$;
 CREATE FUNCTION rd.as_uuid(p text) RETURNS uuid
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
-	RETURN p::uuid;
-EXCEPTION WHEN invalid_text_representation THEN
-	RETURN NULL;
+	-- the canonical form (every id rosterd writes) without the
+	-- subtransaction of the EXCEPTION block; other spellings take it
+	IF p ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+		RETURN p::uuid;
+	END IF;
+	BEGIN
+		RETURN p::uuid;
+	EXCEPTION WHEN invalid_text_representation THEN
+		RETURN NULL;
+	END;
 END $$;
 
 -- The live contact for an id of this organisation: follows merge
@@ -249,16 +272,18 @@ BEGIN
 END $$;
 
 CREATE FUNCTION rd.lock_key(p_org text, p_key text) RETURNS void
-LANGUAGE sql AS $$
-	SELECT pg_advisory_xact_lock(hashtextextended(p_org || '/' || p_key, 0))
-$$;
+LANGUAGE plpgsql AS $$
+BEGIN
+	PERFORM pg_advisory_xact_lock(hashtextextended(p_org || '/' || p_key, 0));
+END $$;
 
 -- Effective synchronisation for a message: its own `sync`, else the org's.
 CREATE FUNCTION rd.sync_on(p_org text, d jsonb) RETURNS boolean
-LANGUAGE sql STABLE AS $$
-	SELECT coalesce((d->>'sync')::boolean,
-			(SELECT o.sync_contacts FROM rd.orgs o WHERE o.org = p_org), false)
-$$;
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+	RETURN coalesce((d->>'sync')::boolean,
+			(SELECT o.sync_contacts FROM rd.orgs o WHERE o.org = p_org), false);
+END $$;
 
 -- The person keys of SPEC 2, in the order the history records them.
 CREATE FUNCTION rd.person_keys() RETURNS text[]
@@ -347,10 +372,11 @@ END $$;
 -- stamps order by time, then by message id, so that any two messages have
 -- one fixed order whatever the order they arrive in.
 CREATE FUNCTION rd.stamp(p_org text, p_msg text) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-	SELECT jsonb_build_array(floor(extract(epoch FROM rd.msg_at(p_org, p_msg)) * 1000)::bigint,
-				 p_msg)
-$$;
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+	RETURN jsonb_build_array(floor(extract(epoch FROM rd.msg_at(p_org, p_msg)) * 1000)::bigint,
+				 p_msg);
+END $$;
 
 -- a is not older than b (b NULL: nothing to be older than). Equal stamps
 -- are one message: its later persons (an attendee after the booker) win.
@@ -378,15 +404,28 @@ $$;
 -- field_history row; values skipped and values kept are explained in the
 -- activity (nothing is lost silently: the booking keeps what it was given).
 -- Returns the number of values changed.
-CREATE FUNCTION rd.contact_apply(p_org text, p_cid uuid, p jsonb, p_mode text, p_email boolean,
-				 p_msg text)
+--
+-- rd.contact_apply_in is the body; p_fresh: the contact was inserted by
+-- this message just now (rd.contact_create). The field history of a
+-- message that has not yet changed the contact (its message_id is another
+-- message's; every writer of rd.field_history here sets it) or of a fresh
+-- contact needs no look-up of earlier rows of the message: its rows are
+-- inserted in one statement. Otherwise rd.history_add merges them.
+CREATE FUNCTION rd.contact_apply_in(p_org text, p_cid uuid, p jsonb, p_mode text,
+				    p_email boolean, p_msg text, p_fresh boolean)
 RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
 	v_row jsonb;
 	v_new_row jsonb;
 	v_fields jsonb;
 	v_stamps jsonb;
-	v_stamp jsonb := rd.stamp(p_org, p_msg);
+	v_at timestamptz := rd.msg_at(p_org, p_msg);
+	-- as rd.stamp(p_org, p_msg)
+	v_stamp jsonb := jsonb_build_array(floor(extract(epoch FROM v_at) * 1000)::bigint, p_msg);
+	v_bulk boolean;
+	v_hf text[] := '{}';
+	v_ho text[] := '{}';
+	v_hn text[] := '{}';
 	v_hkey text;
 	v_key text;
 	v_new jsonb;
@@ -401,6 +440,7 @@ BEGIN
 	IF NOT FOUND THEN
 		RETURN 0;
 	END IF;
+	v_bulk := p_fresh OR v_row->>'message_id' IS DISTINCT FROM p_msg;
 	v_new_row := v_row;
 	v_fields := coalesce(v_row->'fields', '{}');
 	v_stamps := coalesce(v_row->'value_at', '{}');
@@ -428,7 +468,9 @@ BEGIN
 			v_old := v_fields->v_key;
 		ELSE
 			v_key := v_hkey;
-			v_why := rd.person_value_problem(v_key, v_new #>> '{}');
+			-- only country and birthdate have rules (rd.person_value_problem)
+			v_why := CASE WHEN v_key IN ('country', 'birthdate')
+				      THEN rd.person_value_problem(v_key, v_new #>> '{}') END;
 			IF v_why IS NULL THEN
 				v_new := to_jsonb(rd.person_value_norm(v_key, v_new #>> '{}'));
 			END IF;
@@ -465,7 +507,14 @@ BEGIN
 			-- whoever matches this address must see the change first
 			PERFORM rd.lock_key(p_org, 'email:' || (v_new #>> '{}'));
 		END IF;
-		PERFORM rd.history_add(p_org, p_cid, v_hkey, v_old #>> '{}', v_new #>> '{}', p_msg);
+		IF v_bulk THEN
+			v_hf := array_append(v_hf, v_hkey);
+			v_ho := array_append(v_ho, v_old #>> '{}');
+			v_hn := array_append(v_hn, v_new #>> '{}');
+		ELSE
+			PERFORM rd.history_add(p_org, p_cid, v_hkey, v_old #>> '{}', v_new #>> '{}',
+					       p_msg);
+		END IF;
 		IF v_hkey LIKE 'fields.%' THEN
 			v_fields := jsonb_set(v_fields, ARRAY[v_key], v_new);
 		ELSE
@@ -479,6 +528,12 @@ BEGIN
 		v_changed := v_changed || v_hkey;
 	END LOOP;
 
+	IF cardinality(v_hf) > 0 THEN
+		INSERT INTO rd.field_history (org, contact_id, field, old_value, new_value, message_id, at)
+		SELECT p_org, p_cid, u.f, u.o, u.n, p_msg, v_at
+		  FROM unnest(v_hf, v_ho, v_hn) WITH ORDINALITY AS u(f, o, n, i)
+		 ORDER BY u.i;
+	END IF;
 	IF cardinality(v_changed) > 0 THEN
 		UPDATE rd.contacts c SET
 			(email, first_name, last_name, company, language, phone, street, zip, city,
@@ -510,13 +565,21 @@ BEGIN
 	RETURN cardinality(v_changed);
 END $$;
 
+CREATE FUNCTION rd.contact_apply(p_org text, p_cid uuid, p jsonb, p_mode text, p_email boolean,
+				 p_msg text)
+RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN
+	RETURN rd.contact_apply_in(p_org, p_cid, p, p_mode, p_email, p_msg, false);
+END $$;
+
 -- The interface of the first draft: synchronisation on or off.
 CREATE FUNCTION rd.contact_sync(p_org text, p_cid uuid, p jsonb, p_sync boolean,
 				p_email boolean, p_msg text)
-RETURNS integer LANGUAGE sql AS $$
-	SELECT rd.contact_apply(p_org, p_cid, p, CASE WHEN p_sync THEN 'on' ELSE 'off' END,
-				p_email, p_msg)
-$$;
+RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN
+	RETURN rd.contact_apply(p_org, p_cid, p, CASE WHEN p_sync THEN 'on' ELSE 'off' END,
+				p_email, p_msg);
+END $$;
 
 -- A new contact from a person's data; every given value is recorded in the
 -- field history. p_mode as for rd.contact_apply ('off': the values are
@@ -529,14 +592,15 @@ BEGIN
 	INSERT INTO rd.contacts (org, message_id, created_by) VALUES (p_org, p_msg, p_msg)
 	RETURNING contact_id INTO v_cid;
 	PERFORM rd.activity_add(p_org, v_cid, 'contact.created', p_why, p_msg);
-	PERFORM rd.contact_apply(p_org, v_cid, p, p_mode, true, p_msg);
+	PERFORM rd.contact_apply_in(p_org, v_cid, p, p_mode, true, p_msg, true);
 	RETURN v_cid;
 END $$;
 
 CREATE FUNCTION rd.contact_create(p_org text, p jsonb, p_msg text, p_why text)
-RETURNS uuid LANGUAGE sql AS $$
-	SELECT rd.contact_create(p_org, p, p_msg, p_why, 'on')
-$$;
+RETURNS uuid LANGUAGE plpgsql AS $$
+BEGIN
+	RETURN rd.contact_create(p_org, p, p_msg, p_why, 'on');
+END $$;
 
 -- SPEC 4.1 step 3: the organisation's live contacts with this email
 -- (merge tombstones and erased contacts do not count): exactly one:
@@ -563,7 +627,7 @@ BEGIN
 	IF coalesce(array_length(v_ids, 1), 0) = 1 THEN
 		contact_id := v_ids[1];
 		match := 'assigned_unique';
-		PERFORM rd.contact_apply(p_org, contact_id, p, v_mode, false, p_msg);
+		PERFORM rd.contact_apply_in(p_org, contact_id, p, v_mode, false, p_msg, false);
 		RETURN;
 	END IF;
 	IF v_ids IS NULL THEN
@@ -577,7 +641,7 @@ BEGIN
 	 WHERE c.org = p_org AND c.contact_id = ANY (v_ids) AND c.created_by = p_msg
 	 LIMIT 1;
 	IF FOUND THEN
-		PERFORM rd.contact_apply(p_org, contact_id, p, v_mode, false, p_msg);
+		PERFORM rd.contact_apply_in(p_org, contact_id, p, v_mode, false, p_msg, false);
 		RETURN;
 	END IF;
 	contact_id := rd.contact_create(p_org, p, p_msg,
@@ -656,7 +720,7 @@ BEGIN
 		IF v_email IS NULL OR p_prev_email IS NULL OR v_email = p_prev_email THEN
 			contact_id := v_prev;
 			match := p_prev_match;
-			PERFORM rd.contact_apply(p_org, v_prev, p, v_mode, false, p_msg);
+			PERFORM rd.contact_apply_in(p_org, v_prev, p, v_mode, false, p_msg, false);
 			RETURN;
 		END IF;
 		SELECT * INTO r FROM rd.email_change(p_org, p, v_prev, p_sync, p_msg,
@@ -676,7 +740,7 @@ BEGIN
 			IF v_email IS NULL OR v_cemail IS NULL OR v_cemail = v_email THEN
 				contact_id := v_cid;
 				match := 'prefilled';
-				PERFORM rd.contact_apply(p_org, v_cid, p, v_mode, false, p_msg);
+				PERFORM rd.contact_apply_in(p_org, v_cid, p, v_mode, false, p_msg, false);
 				RETURN;
 			END IF;
 			-- the contact has another email: 4.3 decides
@@ -827,13 +891,23 @@ END $$;
 -- latest cancellation is newer than its booking-level data, else the status
 -- of that data. Returns it.
 CREATE FUNCTION rd.booking_status(p_org text, p_bid text) RETURNS text
-LANGUAGE sql AS $$
-	UPDATE rd.bookings b SET status = CASE WHEN b.cancel_version > b.data_version
-					       THEN 'cancelled'
-					       ELSE coalesce(b.data_status, 'confirmed') END
-	 WHERE b.org = p_org AND b.booking_id = p_bid
-	RETURNING b.status
-$$;
+LANGUAGE plpgsql AS $$
+DECLARE
+	v_old text;
+	v text;
+BEGIN
+	-- the row is written only when the status changes (a new row version
+	-- costs more than a look-up; most calls find it unchanged)
+	SELECT b.status, CASE WHEN b.cancel_version > b.data_version THEN 'cancelled'
+			      ELSE coalesce(b.data_status, 'confirmed') END
+	  INTO v_old, v
+	  FROM rd.bookings b
+	 WHERE b.org = p_org AND b.booking_id = p_bid;
+	IF v IS DISTINCT FROM v_old THEN
+		UPDATE rd.bookings b SET status = v WHERE b.org = p_org AND b.booking_id = p_bid;
+	END IF;
+	RETURN v;
+END $$;
 
 -- The effective status of the booking and of its attendees: an attendee
 -- older than the booking's last full list is no longer listed (cancelled),
@@ -968,10 +1042,7 @@ BEGIN
 		PERFORM rd.wait(format('offer %s not yet seen', d->>'offer_id'));
 	END IF;
 
-	IF NOT v_found THEN
-		INSERT INTO rd.bookings (org, booking_id, version, message_id)
-		VALUES (p_org, v_bid, v_version, p_id);
-	END IF;
+	-- a booking not seen before is inserted with its data below (v_data)
 	IF v_data THEN
 		-- the booker as stored, if booking-level data was applied before
 		IF v_prev.data_version IS NULL OR v_prev.data_version = 0 THEN
@@ -983,19 +1054,34 @@ BEGIN
 			v_prev.contact_id, v_prev.booker->>'email', v_prev.match,
 			v_offer.email_change, format('booker of booking %s', v_bid));
 		v_booker := rd.person_merge(v_prev.booker, v_booker);
-		UPDATE rd.bookings b SET
-			offer_id = d->>'offer_id',
-			number = coalesce(d->>'number', b.number),
-			data_status = coalesce(d->>'status', 'confirmed'),
-			data_version = v_version,
-			contact_id = r.contact_id,
-			email = coalesce(v_booker->>'email', v_booker->>'email_given'),
-			match = r.match,
-			booker = v_booker,
-			total = coalesce((d->>'total')::bigint, b.total),
-			currency = coalesce(d->>'currency', b.currency, v_offer.currency),
-			list_version = CASE WHEN v_list THEN v_version ELSE b.list_version END
-		 WHERE b.org = p_org AND b.booking_id = v_bid;
+		IF NOT v_found THEN
+			-- as the UPDATE below would set a new row: one row version
+			INSERT INTO rd.bookings (org, booking_id, offer_id, number, data_status,
+						 data_version, contact_id, email, match, booker, total,
+						 currency, list_version, version, message_id)
+			VALUES (p_org, v_bid, d->>'offer_id', d->>'number',
+				coalesce(d->>'status', 'confirmed'), v_version, r.contact_id,
+				coalesce(v_booker->>'email', v_booker->>'email_given'), r.match, v_booker,
+				(d->>'total')::bigint, coalesce(d->>'currency', v_offer.currency),
+				CASE WHEN v_list THEN v_version ELSE 0 END, v_version, p_id);
+		ELSE
+			UPDATE rd.bookings b SET
+				offer_id = d->>'offer_id',
+				number = coalesce(d->>'number', b.number),
+				data_status = coalesce(d->>'status', 'confirmed'),
+				data_version = v_version,
+				contact_id = r.contact_id,
+				email = coalesce(v_booker->>'email', v_booker->>'email_given'),
+				match = r.match,
+				booker = v_booker,
+				total = coalesce((d->>'total')::bigint, b.total),
+				currency = coalesce(d->>'currency', b.currency, v_offer.currency),
+				list_version = CASE WHEN v_list THEN v_version ELSE b.list_version END,
+				-- what the end of this function sets for every message (one
+				-- row version less; nothing in between reads them)
+				version = greatest(b.version, v_version), message_id = p_id, updated_at = now()
+			 WHERE b.org = p_org AND b.booking_id = v_bid;
+		END IF;
 		-- new attendees take it; rd.booking_settle logs the changes of the others
 		v_status := rd.booking_status(p_org, v_bid);
 		IF r.contact_id IS NOT NULL THEN
@@ -1027,9 +1113,11 @@ BEGIN
 	FOR v_att IN SELECT * FROM jsonb_array_elements(coalesce(d->'attendees', '[]')) LOOP
 		PERFORM rd.attendee_apply(p_org, v_bid, v_att, v_version, v_sync, v_rule, p_id);
 	END LOOP;
-	UPDATE rd.bookings SET version = greatest(version, v_version), message_id = p_id,
-			       updated_at = now()
-	 WHERE org = p_org AND booking_id = v_bid;
+	IF NOT v_data THEN
+		UPDATE rd.bookings SET version = greatest(version, v_version), message_id = p_id,
+				       updated_at = now()
+		 WHERE org = p_org AND booking_id = v_bid;
+	END IF;
 	PERFORM rd.booking_settle(p_org, v_bid, p_id);
 	RETURN 'applied';
 END $$;
@@ -1101,9 +1189,15 @@ BEGIN
 END $$;
 
 CREATE FUNCTION rd.h_booking_created(p_org text, p_id text, p_at timestamptz, d jsonb)
-RETURNS text LANGUAGE sql AS $$ SELECT rd.h_booking_upsert(p_org, p_id, p_at, d, 'booking.created') $$;
+RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+	RETURN rd.h_booking_upsert(p_org, p_id, p_at, d, 'booking.created');
+END $$;
 CREATE FUNCTION rd.h_booking_updated(p_org text, p_id text, p_at timestamptz, d jsonb)
-RETURNS text LANGUAGE sql AS $$ SELECT rd.h_booking_upsert(p_org, p_id, p_at, d, 'booking.updated') $$;
+RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+	RETURN rd.h_booking_upsert(p_org, p_id, p_at, d, 'booking.updated');
+END $$;
 
 INSERT INTO rd.handler_fns (type, fn) VALUES
 	('booking.created', 'rd.h_booking_created'),

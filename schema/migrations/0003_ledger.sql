@@ -298,13 +298,17 @@ END $$;
 
 -- 12050, 'CHF' -> 'CHF 120.50'; -500, 'JPY' -> 'JPY -500' (activity texts).
 CREATE FUNCTION rd.ledger_money(p_amount bigint, p_cur text) RETURNS text
-LANGUAGE sql STABLE AS $$
-	SELECT p_cur || ' ' || CASE WHEN coalesce(c.minor_unit, 0) = 0 THEN p_amount::text
-				    ELSE to_char(p_amount::numeric / 10::numeric ^ c.minor_unit,
-						 'FM' || repeat('9', 17) || '0.' || repeat('0', c.minor_unit))
-				    END
-	  FROM (SELECT (SELECT minor_unit FROM rd.currencies WHERE code = p_cur) AS minor_unit) c
-$$;
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+	v_mu integer;
+BEGIN
+	-- PL/pgSQL, not LANGUAGE sql: planned once per session (0002, msg_at)
+	SELECT minor_unit INTO v_mu FROM rd.currencies WHERE code = p_cur;
+	RETURN p_cur || ' ' || CASE WHEN coalesce(v_mu, 0) = 0 THEN p_amount::text
+				    ELSE to_char(p_amount::numeric / 10::numeric ^ v_mu,
+						 'FM' || repeat('9', 17) || '0.' || repeat('0', v_mu))
+				    END;
+END $$;
 
 -- The live contact for a contact of this organisation, locked FOR KEY
 -- SHARE: a merge running concurrently (rd.ledger_move_contact locks the

@@ -187,9 +187,13 @@ CREATE INDEX outbox_claim ON rd.outbox (claim) WHERE status = 'sending';
 CREATE INDEX outbox_contact ON rd.outbox (org, contact_id, created_at);
 CREATE INDEX outbox_status ON rd.outbox (org, status, created_at);
 
--- The values of a contact for placeholders.
+-- The values of a contact for placeholders. (These helpers are PL/pgSQL,
+-- not LANGUAGE sql: planned once per session; see 0002, rd.msg_at.)
 CREATE FUNCTION rd.mail_ctx_contact(p_org text, p_cid uuid) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+	v jsonb;
+BEGIN
 	SELECT jsonb_strip_nulls(jsonb_build_object(
 		'contact.email', c.email, 'contact.first_name', c.first_name,
 		'contact.last_name', c.last_name, 'contact.company', c.company,
@@ -199,14 +203,17 @@ LANGUAGE sql STABLE AS $$
 		'contact.birthdate', to_char(c.birthdate, 'YYYY-MM-DD')))
 	    || coalesce((SELECT jsonb_object_agg('contact.fields.' || f.key, f.value #>> '{}')
 			   FROM jsonb_each(c.fields) AS f), '{}')
+	  INTO v
 	  FROM rd.contacts c
-	 WHERE c.org = p_org AND c.contact_id = p_cid
-$$;
+	 WHERE c.org = p_org AND c.contact_id = p_cid;
+	RETURN v;
+END $$;
 
 -- The values of a booking and its offer. Times are shown in UTC.
 CREATE FUNCTION rd.mail_ctx_booking(p_org text, p_bid text) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-	SELECT coalesce((
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+	RETURN coalesce((
 		SELECT jsonb_strip_nulls(jsonb_build_object(
 			'booking.number', coalesce(b.number, b.booking_id),
 			'booking.total', rd.money_fmt(b.total, b.currency),
@@ -215,20 +222,21 @@ LANGUAGE sql STABLE AS $$
 			to_char(f.starts_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') || ' UTC'))
 		  FROM rd.bookings b
 		  LEFT JOIN rd.offers f ON f.org = b.org AND f.offer_id = b.offer_id
-		 WHERE b.org = p_org AND b.booking_id = p_bid), '{}')
-$$;
+		 WHERE b.org = p_org AND b.booking_id = p_bid), '{}');
+END $$;
 
 -- The values of an invoice, from its row of the ledger (0003) as JSON, so
 -- that this does not depend on the ledger's column types.
 CREATE FUNCTION rd.mail_ctx_invoice(p_org text, j jsonb) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-	SELECT jsonb_strip_nulls(jsonb_build_object(
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+	RETURN jsonb_strip_nulls(jsonb_build_object(
 		'invoice.number', coalesce(j->>'number', j->>'invoice_id'),
 		'invoice.amount', rd.money_fmt((j->>'amount')::bigint, j->>'currency'),
 		'invoice.due', left(j->>'due', 10)))
 	    || CASE WHEN j->>'booking_id' IS NOT NULL
-		    THEN rd.mail_ctx_booking(p_org, j->>'booking_id') ELSE '{}' END
-$$;
+		    THEN rd.mail_ctx_booking(p_org, j->>'booking_id') ELSE '{}' END;
+END $$;
 
 -- Queue the template p_key for a contact, rendered in full, in the
 -- caller's transaction. The template is the one of the contact's
@@ -423,7 +431,12 @@ CREATE FUNCTION rd.outbox_claim(p_claim text, p_limit integer, p_lease_ms intege
 RETURNS TABLE (org text, outbox_id bigint, from_address text, reply_to text, to_name text,
 	       to_address text, subject text, body text, message_id text, created_ms bigint,
 	       window_ms bigint, window_attempts integer, attempts integer)
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+	-- PL/pgSQL: each call is a transaction of its own, in which a
+	-- LANGUAGE sql body would be planned again (idle workers poll it)
+	RETURN QUERY
 	WITH c AS (
 		SELECT o.org, o.outbox_id FROM rd.outbox o
 		 WHERE o.status IN ('queued', 'retrying', 'sending') AND o.due_at <= now()
@@ -439,8 +452,8 @@ LANGUAGE sql AS $$
 	RETURNING o.org, o.outbox_id, o.from_address, o.reply_to, o.to_name, o.to_address,
 		  o.subject, o.body, o.message_id,
 		  (extract(epoch FROM o.created_at) * 1000)::bigint,
-		  (extract(epoch FROM o.window_at) * 1000)::bigint, o.window_attempts, o.attempts
-$$;
+		  (extract(epoch FROM o.window_at) * 1000)::bigint, o.window_attempts, o.attempts;
+END $$;
 
 CREATE FUNCTION rd.outbox_renew(p_claim text, p_lease_ms integer) RETURNS integer
 LANGUAGE sql AS $$
