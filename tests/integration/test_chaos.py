@@ -43,6 +43,7 @@ WINDOW = float(os.environ.get("ROSTERD_CHAOS_WINDOW", "300"))   # seconds of fau
 N_INSTANCES = 3
 FAULTS = {"kill": 25, "rabbit": 3, "pg": 3, "stop": 5, "hangup": 3}
 SMTP_TIMEOUT = 5          # s; a dead worker's lease (4 x timeout) ends after 20 s
+STALL_S = 120.0           # s without any message settling: a phase is stuck
 LOST_REPLY_BEFORE = 40.0  # s: a mail stored this long before a fault may lose its reply
 
 CFG = {"retry_base_ms": 50, "max_retries": 14, "log_level": "info",
@@ -69,6 +70,7 @@ class Publisher(threading.Thread):
         self.error = None
         self.phase_times = []
         self.settle_timeout = settle_timeout
+        self.gave_up = []
         self.stop = False
 
     def _channel(self):
@@ -124,10 +126,16 @@ class Publisher(threading.Thread):
         return set(ids) - {(o, m) for o, m in rows}
 
     def wait_settled(self, ids, timeout):
+        """Until every message of ids has its report.messages row. Gives up
+        (the oracle then names what is missing) after `timeout`, or when
+        nothing has settled for STALL_S (longer than any retry delay this
+        test can reach while the stream flows)."""
         deadline = time.monotonic() + timeout
         conn = None
         left = set(ids)
+        progress = time.monotonic()
         while left:
+            before = len(left)
             try:
                 if conn is None or conn.closed:
                     conn = self.db.connect()
@@ -140,9 +148,13 @@ class Publisher(threading.Thread):
                 conn = None
             if not left or self.stop:
                 break
-            if time.monotonic() > deadline:
-                raise AssertionError("%d messages never settled, e.g. %s"
-                                     % (len(left), sorted(left)[:5]))
+            if len(left) < before:
+                progress = time.monotonic()
+            if time.monotonic() > deadline or time.monotonic() - progress > STALL_S:
+                self.gave_up.append(len(left))
+                log("%d messages of the phase not settled (nothing settled for %.0f s): "
+                    "going on, the oracle will tell" % (len(left), time.monotonic() - progress))
+                break
             time.sleep(1.0)
         if conn is not None:
             conn.close()
@@ -295,7 +307,7 @@ def queue_counts(servers, prefix):
     return res
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(870)  # ctest: TIMEOUT 900
 def test_chaos_oracle(rosterd, servers, amqp, db, smtp, names):
     t_start = time.monotonic()
     log("seed %d (replay: ROSTERD_CHAOS_SEED=%d), %d events, %d organisations, window %.0f s"
@@ -310,7 +322,7 @@ def test_chaos_oracle(rosterd, servers, amqp, db, smtp, names):
     # setup, before any fault: organisations, offers, templates, known contacts
     pub0 = Publisher(servers, names, db, [stream.setup], [1e9], settle_timeout=120)
     pub0.run()
-    assert pub0.error is None, pub0.error
+    assert pub0.error is None and not pub0.gave_up, (pub0.error, pub0.gave_up)
     contact_ids = {}
     for org in orgs:
         ids = dict(db.query("SELECT email, contact_id FROM report.contacts WHERE org = %s", org))
@@ -338,7 +350,7 @@ def test_chaos_oracle(rosterd, servers, amqp, db, smtp, names):
     while pub.is_alive():
         chaos.poll()
         pub.join(0.5)
-        if time.monotonic() - t_start > 780:
+        if time.monotonic() - t_start > 720:
             pub.stop = True
             pub.join(5)
             break
