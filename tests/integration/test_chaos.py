@@ -219,11 +219,18 @@ class Chaos:
                 del self.pending_ready[rd]
 
     def schedule(self, t_begin):
-        kinds = [k for k, n in FAULTS.items() for _ in range(n)]
+        """(monotonic time, kind) in time order: the faults in shuffled order
+        over the window, except the hang-ups, which need mails in flight:
+        they fall in its first half, while phase A is being published."""
+        kinds = [k for k, n in FAULTS.items() if k != "hangup" for _ in range(n)]
         self.rng.shuffle(kinds)
         slot = (WINDOW - 10) / len(kinds)
-        return [(t_begin + 10 + i * slot + self.rng.uniform(0, slot * 0.5), k)
+        plan = [(t_begin + 10 + i * slot + self.rng.uniform(0, slot * 0.5), k)
                 for i, k in enumerate(kinds)]
+        hslot = (WINDOW * 0.5 - 15) / FAULTS["hangup"]
+        plan += [(t_begin + 15 + i * hslot + self.rng.uniform(0, hslot * 0.5), "hangup")
+                 for i in range(FAULTS["hangup"])]
+        return sorted(plan)
 
     def victim(self):
         return self.rng.choice(self.live)
