@@ -23,6 +23,13 @@
 #define RD_AMQP_RPC_TIMEOUT_S 10
 #define RD_AMQP_BACKOFF_MIN_MS 100
 #define RD_AMQP_BACKOFF_MAX_MS 2000
+/* The timeout of a non-blocking read: 1 us, not 0. librabbitmq treats a
+ * zero timeout as "immediate", which always wins over its receive-heartbeat
+ * deadline, so a peer that went silent was never noticed by the 1 s tick
+ * (only much later, by chance, on a send). With 1 us the earlier of the two
+ * deadlines is the heartbeat one once it has passed: AMQP_STATUS_HEARTBEAT_
+ * TIMEOUT after 2 x heartbeat of silence. The poll itself is still 0 ms. */
+#define RD_AMQP_POLL_TV {0, 1}
 #define RD_CH 1        /* consumer channel; publisher confirm channel */
 #define RD_CH_STATUS 2 /* publisher channel for status documents, no confirms */
 #define RD_BODY_HARD_MAX (512ULL << 20) /* RabbitMQ's own limit is 128 MiB by default */
@@ -516,10 +523,14 @@ static void handle_frame(struct rd_amqp *a, amqp_frame_t *f)
 		case AMQP_CONNECTION_BLOCKED_METHOD:
 			a->cons.blocked = true;
 			rd_log(LOG_WARNING, "amqp.blocked", "conn=consumer");
+			if (a->cb.on_state)
+				a->cb.on_state(a->arg, a->cons.up);
 			return;
 		case AMQP_CONNECTION_UNBLOCKED_METHOD:
 			a->cons.blocked = false;
 			rd_log(LOG_NOTICE, "amqp.unblocked", "conn=consumer");
+			if (a->cb.on_state)
+				a->cb.on_state(a->arg, a->cons.up);
 			return;
 		default:
 			return;
@@ -573,7 +584,7 @@ static void consumer_drain(struct rd_amqp *a)
 {
 	while (a->cons.up) {
 		amqp_frame_t f;
-		struct timeval tv = {0, 0};
+		struct timeval tv = RD_AMQP_POLL_TV;
 		int r = amqp_simple_wait_frame_noblock(a->cons.st, &f, &tv);
 		if (r == AMQP_STATUS_TIMEOUT)
 			break;
@@ -789,10 +800,14 @@ static bool pub_frame(struct rd_amqp *a, amqp_frame_t *f)
 	case AMQP_CONNECTION_BLOCKED_METHOD:
 		a->pub.blocked = true;
 		rd_log(LOG_WARNING, "amqp.blocked", "conn=publisher");
+		if (a->cb.on_state)
+			a->cb.on_state(a->arg, a->cons.up);
 		return true;
 	case AMQP_CONNECTION_UNBLOCKED_METHOD:
 		a->pub.blocked = false;
 		rd_log(LOG_NOTICE, "amqp.unblocked", "conn=publisher");
+		if (a->cb.on_state)
+			a->cb.on_state(a->arg, a->cons.up);
 		return true;
 	case AMQP_CHANNEL_CLOSE_METHOD:
 	case AMQP_CONNECTION_CLOSE_METHOD: {
@@ -812,7 +827,7 @@ static void pub_drain(struct rd_amqp *a)
 {
 	while (a->pub.up) {
 		amqp_frame_t f;
-		struct timeval tv = {0, 0};
+		struct timeval tv = RD_AMQP_POLL_TV;
 		int r = amqp_simple_wait_frame_noblock(a->pub.st, &f, &tv);
 		if (r == AMQP_STATUS_TIMEOUT)
 			break;
@@ -1091,6 +1106,11 @@ enum rd_status rd_amqp_start(struct rd_amqp *a, struct rd_err *err)
 bool rd_amqp_connected(const struct rd_amqp *a)
 {
 	return a->cons.up;
+}
+
+bool rd_amqp_blocked(const struct rd_amqp *a)
+{
+	return (a->cons.up && a->cons.blocked) || (a->pub.up && a->pub.blocked);
 }
 
 bool rd_amqp_current(const struct rd_amqp *a, const struct rd_delivery *d)
