@@ -96,6 +96,7 @@ def test_sigterm_with_smtp_stalled_within_30s(rosterd, amqp, db, smtp):
 def test_50_stops_under_load_lose_nothing(rosterd, amqp, db):
     sent = []
     setup, _ = realistic(0, orgs=3, tag="s50")
+    amqp.declare_topology()
     amqp.publish_many(setup)
     rd = rosterd(**{"daemon.batch_size": 20})
     wait_messages(db, len(setup))
