@@ -29,6 +29,9 @@
 #include "mail.h"
 
 #include <auth-client.h>
+/* before libesmtp.h: it declares smtp_starttls_set_ctx only when OpenSSL's
+ * headers came first */
+#include <openssl/ssl.h>
 #include <dirent.h>
 #include <errno.h>
 #include <libesmtp.h>
@@ -134,6 +137,12 @@ struct rd_mail {
 	bool draining, started, auth_init;
 	int nworkers;
 	struct worker *w;
+	/* STARTTLS: our own SSL_CTX, one reference handed to each session.
+	 * libesmtp 1.1 caches the context it creates in a static pointer but
+	 * frees it with the first session (destroy_starttls_context): every
+	 * later STARTTLS session used freed memory (ASan: heap-use-after-free
+	 * in SSL_new on the second delivery). */
+	SSL_CTX *tls;
 };
 
 static const char *const worker_stmts[] = {"outbox_claim", "outbox_renew", "outbox_record",
@@ -593,6 +602,12 @@ static void deliver(struct worker *w, struct job *jobs, int n)
 		return;
 	}
 	smtp_set_server(s, m->hostport);
+	if (m->tls) {
+		/* the session frees its context: give it a reference of ours */
+		SSL_CTX_up_ref(m->tls);
+		if (!smtp_starttls_set_ctx(s, m->tls))
+			SSL_CTX_free(m->tls);
+	}
 	long t = (long)w->timeout_s * 1000L;
 	const int which[] = {Timeout_GREETING, Timeout_ENVELOPE, Timeout_DATA, Timeout_TRANSFER,
 			     Timeout_DATA2};
@@ -954,6 +969,18 @@ struct rd_mail *rd_mail_new(struct event_base *base, const struct rd_config *cfg
 	m->retry_base_ms = cfg->mail_retry_base_ms;
 	m->lifetime_s = cfg->mail_lifetime;
 	m->timeout_s = cfg->smtp_timeout;
+	if (cfg->starttls != RD_STARTTLS_NO) {
+		/* as libesmtp's own: TLS 1.0 or later, the default trust store
+		 * (SSL_CERT_FILE / SSL_CERT_DIR work); libesmtp checks the
+		 * server's certificate and name itself after the handshake */
+		m->tls = SSL_CTX_new(TLS_client_method());
+		if (!m->tls || !SSL_CTX_set_min_proto_version(m->tls, TLS1_VERSION) ||
+		    !SSL_CTX_set_default_verify_paths(m->tls)) {
+			rd_errf(err, RD_FAIL, "mail: cannot set up TLS (OpenSSL SSL_CTX)");
+			rd_mail_free(m);
+			return NULL;
+		}
+	}
 	m->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	m->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	if (m->efd < 0 || m->wakefd < 0) {
@@ -1109,5 +1136,6 @@ void rd_mail_free(struct rd_mail *m)
 		free(m->password);
 	}
 	rd_config_free(m->cfg);
+	SSL_CTX_free(m->tls);
 	free(m);
 }
