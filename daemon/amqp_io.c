@@ -734,6 +734,11 @@ static void pub_lost(struct rd_amqp *a, const char *why)
 	conn_close(&a->pub);
 	a->nunconf = 0;
 	a->nretry_declared = 0;
+	/* no reconnect before the back-off: connecting blocks the loop (up to
+	 * the connect and login timeouts), and when the broker went silent the
+	 * 1 s tick must first get to notice it on the consumer (heartbeats)
+	 * instead of the next batch's publish blocking in a new login */
+	a->pub_last_try_us = rd_mono_us();
 }
 
 static enum rd_status pub_ensure(struct rd_amqp *a, struct rd_err *err)
