@@ -55,6 +55,8 @@ struct rd_amqp {
 	int backoff_ms;
 	struct event *reconnect;
 	struct event *tick;     /* heartbeats and idle reads */
+	int64_t pub_lost_us;    /* when the publisher was lost (0: never) */
+	int64_t cons_rx_us;     /* when the consumer socket last had bytes */
 	bool consuming;
 	bool cancelled;         /* draining: do not consume again */
 	char consumer_tag[128];
@@ -600,9 +602,11 @@ static void consumer_drain(struct rd_amqp *a)
 
 static void consumer_read_cb(evutil_socket_t fd, short what, void *arg)
 {
+	struct rd_amqp *a = arg;
 	(void)fd;
 	(void)what;
-	consumer_drain(arg);
+	a->cons_rx_us = rd_mono_us(); /* any bytes, heartbeats included */
+	consumer_drain(a);
 }
 
 static void pub_drain(struct rd_amqp *a);
@@ -734,11 +738,13 @@ static void pub_lost(struct rd_amqp *a, const char *why)
 	conn_close(&a->pub);
 	a->nunconf = 0;
 	a->nretry_declared = 0;
-	/* no reconnect before the back-off: connecting blocks the loop (up to
-	 * the connect and login timeouts), and when the broker went silent the
-	 * 1 s tick must first get to notice it on the consumer (heartbeats)
-	 * instead of the next batch's publish blocking in a new login */
-	a->pub_last_try_us = rd_mono_us();
+	/* No reconnect until the broker is known to be alive: connecting
+	 * blocks the loop (up to the connect and login timeouts), and when the
+	 * broker went silent the tick must first get to notice it on the
+	 * consumer (heartbeats) instead of the next batch's publish blocking
+	 * in a new login. Alive = the consumer received bytes since this loss;
+	 * after 2 x heartbeat + 1 s a silent consumer has been noticed anyway. */
+	a->pub_lost_us = rd_mono_us();
 }
 
 static enum rd_status pub_ensure(struct rd_amqp *a, struct rd_err *err)
@@ -746,6 +752,9 @@ static enum rd_status pub_ensure(struct rd_amqp *a, struct rd_err *err)
 	if (a->pub.up)
 		return RD_OK;
 	int64_t now = rd_mono_us();
+	if (a->pub_lost_us && a->cons_rx_us <= a->pub_lost_us &&
+	    now - a->pub_lost_us < ((int64_t)a->cfg->heartbeat * 2 + 1) * 1000000)
+		return rd_errf(err, RD_FAIL, "amqp publisher: lost, waiting for a sign of the broker");
 	if (a->pub_last_try_us && now - a->pub_last_try_us < RD_AMQP_BACKOFF_MAX_MS * 1000LL)
 		return rd_errf(err, RD_FAIL, "amqp publisher: not connected");
 	a->pub_last_try_us = now;

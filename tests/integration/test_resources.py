@@ -50,8 +50,8 @@ def test_1000_reconnects_fds_and_rss_flat(rosterd, amqp, db, servers):
     proxy = TcpProxy(servers.amqp_host, servers.amqp_port)
     try:
         url = servers.amqp_url.replace(":%d/" % servers.amqp_port, ":%d/" % proxy.port)
-        rd = rosterd(start=False, url=url, log_level="notice", workers=2,
-                     **{"postgres.connections": 3})
+        rd = rosterd(start=False, url=url, log_level="notice", workers=3,
+                     **{"postgres.connections": 5})
         if plain:
             rd.binary = plain
         rd.start()
@@ -62,8 +62,8 @@ def test_1000_reconnects_fds_and_rss_flat(rosterd, amqp, db, servers):
         wait_messages(db, len(setup))
         chunks = [events[k:k + 20] for k in range(0, len(events), 20)]
 
-        nbackends = len(wait_for(lambda: (lambda b: b if len(b) == 3 + 2 else None)(
-            backends(db, rd.instance)), 30, 0.1, "3 pool + 2 mail worker backends"))
+        nbackends = len(wait_for(lambda: (lambda b: b if len(b) == 5 + 3 else None)(
+            backends(db, rd.instance)), 30, 0.1, "5 pool + 3 mail worker backends"))
         reconnects = 0
         cycle = 0
         samples = []
