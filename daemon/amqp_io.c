@@ -23,6 +23,13 @@
 #define RD_AMQP_RPC_TIMEOUT_S 10
 #define RD_AMQP_BACKOFF_MIN_MS 100
 #define RD_AMQP_BACKOFF_MAX_MS 2000
+/* The timeout of a non-blocking read: 1 us, not 0. librabbitmq treats a
+ * zero timeout as "immediate", which always wins over its receive-heartbeat
+ * deadline, so a peer that went silent was never noticed by the 1 s tick
+ * (only much later, by chance, on a send). With 1 us the earlier of the two
+ * deadlines is the heartbeat one once it has passed: AMQP_STATUS_HEARTBEAT_
+ * TIMEOUT after 2 x heartbeat of silence. The poll itself is still 0 ms. */
+#define RD_AMQP_POLL_TV {0, 1}
 #define RD_CH 1        /* consumer channel; publisher confirm channel */
 #define RD_CH_STATUS 2 /* publisher channel for status documents, no confirms */
 #define RD_BODY_HARD_MAX (512ULL << 20) /* RabbitMQ's own limit is 128 MiB by default */
@@ -48,6 +55,8 @@ struct rd_amqp {
 	int backoff_ms;
 	struct event *reconnect;
 	struct event *tick;     /* heartbeats and idle reads */
+	int64_t pub_lost_us;    /* when the publisher was lost (0: never) */
+	int64_t cons_rx_us;     /* when the consumer socket last had bytes */
 	bool consuming;
 	bool cancelled;         /* draining: do not consume again */
 	char consumer_tag[128];
@@ -516,10 +525,14 @@ static void handle_frame(struct rd_amqp *a, amqp_frame_t *f)
 		case AMQP_CONNECTION_BLOCKED_METHOD:
 			a->cons.blocked = true;
 			rd_log(LOG_WARNING, "amqp.blocked", "conn=consumer");
+			if (a->cb.on_state)
+				a->cb.on_state(a->arg, a->cons.up);
 			return;
 		case AMQP_CONNECTION_UNBLOCKED_METHOD:
 			a->cons.blocked = false;
 			rd_log(LOG_NOTICE, "amqp.unblocked", "conn=consumer");
+			if (a->cb.on_state)
+				a->cb.on_state(a->arg, a->cons.up);
 			return;
 		default:
 			return;
@@ -573,7 +586,7 @@ static void consumer_drain(struct rd_amqp *a)
 {
 	while (a->cons.up) {
 		amqp_frame_t f;
-		struct timeval tv = {0, 0};
+		struct timeval tv = RD_AMQP_POLL_TV;
 		int r = amqp_simple_wait_frame_noblock(a->cons.st, &f, &tv);
 		if (r == AMQP_STATUS_TIMEOUT)
 			break;
@@ -589,9 +602,11 @@ static void consumer_drain(struct rd_amqp *a)
 
 static void consumer_read_cb(evutil_socket_t fd, short what, void *arg)
 {
+	struct rd_amqp *a = arg;
 	(void)fd;
 	(void)what;
-	consumer_drain(arg);
+	a->cons_rx_us = rd_mono_us(); /* any bytes, heartbeats included */
+	consumer_drain(a);
 }
 
 static void pub_drain(struct rd_amqp *a);
@@ -723,6 +738,13 @@ static void pub_lost(struct rd_amqp *a, const char *why)
 	conn_close(&a->pub);
 	a->nunconf = 0;
 	a->nretry_declared = 0;
+	/* No reconnect until the broker is known to be alive: connecting
+	 * blocks the loop (up to the connect and login timeouts), and when the
+	 * broker went silent the tick must first get to notice it on the
+	 * consumer (heartbeats) instead of the next batch's publish blocking
+	 * in a new login. Alive = the consumer received bytes since this loss;
+	 * after 2 x heartbeat + 1 s a silent consumer has been noticed anyway. */
+	a->pub_lost_us = rd_mono_us();
 }
 
 static enum rd_status pub_ensure(struct rd_amqp *a, struct rd_err *err)
@@ -730,6 +752,9 @@ static enum rd_status pub_ensure(struct rd_amqp *a, struct rd_err *err)
 	if (a->pub.up)
 		return RD_OK;
 	int64_t now = rd_mono_us();
+	if (a->pub_lost_us && a->cons_rx_us <= a->pub_lost_us &&
+	    now - a->pub_lost_us < ((int64_t)a->cfg->heartbeat * 2 + 1) * 1000000)
+		return rd_errf(err, RD_FAIL, "amqp publisher: lost, waiting for a sign of the broker");
 	if (a->pub_last_try_us && now - a->pub_last_try_us < RD_AMQP_BACKOFF_MAX_MS * 1000LL)
 		return rd_errf(err, RD_FAIL, "amqp publisher: not connected");
 	a->pub_last_try_us = now;
@@ -789,10 +814,14 @@ static bool pub_frame(struct rd_amqp *a, amqp_frame_t *f)
 	case AMQP_CONNECTION_BLOCKED_METHOD:
 		a->pub.blocked = true;
 		rd_log(LOG_WARNING, "amqp.blocked", "conn=publisher");
+		if (a->cb.on_state)
+			a->cb.on_state(a->arg, a->cons.up);
 		return true;
 	case AMQP_CONNECTION_UNBLOCKED_METHOD:
 		a->pub.blocked = false;
 		rd_log(LOG_NOTICE, "amqp.unblocked", "conn=publisher");
+		if (a->cb.on_state)
+			a->cb.on_state(a->arg, a->cons.up);
 		return true;
 	case AMQP_CHANNEL_CLOSE_METHOD:
 	case AMQP_CONNECTION_CLOSE_METHOD: {
@@ -812,7 +841,7 @@ static void pub_drain(struct rd_amqp *a)
 {
 	while (a->pub.up) {
 		amqp_frame_t f;
-		struct timeval tv = {0, 0};
+		struct timeval tv = RD_AMQP_POLL_TV;
 		int r = amqp_simple_wait_frame_noblock(a->pub.st, &f, &tv);
 		if (r == AMQP_STATUS_TIMEOUT)
 			break;
@@ -1091,6 +1120,11 @@ enum rd_status rd_amqp_start(struct rd_amqp *a, struct rd_err *err)
 bool rd_amqp_connected(const struct rd_amqp *a)
 {
 	return a->cons.up;
+}
+
+bool rd_amqp_blocked(const struct rd_amqp *a)
+{
+	return (a->cons.up && a->cons.blocked) || (a->pub.up && a->pub.blocked);
 }
 
 bool rd_amqp_current(const struct rd_amqp *a, const struct rd_delivery *d)

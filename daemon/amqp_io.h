@@ -58,6 +58,10 @@ void rd_amqp_set_config(struct rd_amqp *a, const struct rd_config *cfg);
  * consumer keeps retrying in the background. */
 enum rd_status rd_amqp_start(struct rd_amqp *a, struct rd_err *err) RD_WUR;
 bool rd_amqp_connected(const struct rd_amqp *a);
+/* The broker blocked a connection (connection.blocked: memory or disk
+ * alarm): publishes, hence dead-letters, retries and acks after them, wait.
+ * The state is `degraded` meanwhile. */
+bool rd_amqp_blocked(const struct rd_amqp *a);
 /* Deliveries of another generation were requeued by the broker when their
  * connection was lost: they must not be settled any more. */
 bool rd_amqp_current(const struct rd_amqp *a, const struct rd_delivery *d);

@@ -93,7 +93,7 @@ static const struct rd_cf_row rd_config_keys[] = {
 	CF_STR("amqp", "status_exchange", status_exchange, "rosterd.status", RD_CF_NONEMPTY),
 	CF_ENUM("amqp", "queue_type", queue_type, "classic", queue_type_names, 0),
 	CF_INT("amqp", "prefetch", prefetch, 500, 1, 65535, 0),
-	CF_INT("amqp", "heartbeat", heartbeat, 30, 0, 3600, 0),
+	CF_INT("amqp", "heartbeat", heartbeat, 5, 0, 3600, 0),
 	CF_INT("amqp", "delivery_limit", delivery_limit, 20, 1, 1000, 0),
 
 	CF_STR("postgres", "conninfo", conninfo, "host=127.0.0.1 port=5432 dbname=rosterd",

@@ -4,23 +4,25 @@
 #include "log.h"
 
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
-static int log_max = LOG_INFO;
+/* read by every thread on each line, set by the loop on SIGHUP */
+static _Atomic int log_max = LOG_INFO;
 static char log_instance[64] = "rosterd";
 
 void rd_log_init(const char *instance, int max_level)
 {
 	if (instance)
 		rd_strlcpy(log_instance, instance, sizeof(log_instance));
-	log_max = max_level;
+	atomic_store_explicit(&log_max, max_level, memory_order_relaxed);
 }
 
 void rd_log_set_level(int max_level)
 {
-	log_max = max_level;
+	atomic_store_explicit(&log_max, max_level, memory_order_relaxed);
 }
 
 void rd_log(int level, const char *event, const char *fmt, ...)
@@ -28,7 +30,7 @@ void rd_log(int level, const char *event, const char *fmt, ...)
 	char line[2048];
 	int n;
 
-	if (level > log_max)
+	if (level > atomic_load_explicit(&log_max, memory_order_relaxed))
 		return;
 	n = snprintf(line, sizeof(line), "<%d>%s %s ", level, log_instance, event);
 	if (n < 0 || (size_t)n >= sizeof(line))

@@ -26,11 +26,13 @@
  * POSIX timer that sends RD_MAIL_SIG to the worker (no SA_RESTART: the
  * connect fails with EINTR), re-fired every 100 ms until the session is
  * connected. Draining fires it at once for workers still connecting. */
-#include <openssl/err.h>
-#include <openssl/ssl.h>
 #include "mail.h"
 
 #include <auth-client.h>
+/* before libesmtp.h: it declares smtp_starttls_set_ctx only when OpenSSL's
+ * headers came first */
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <dirent.h>
 #include <errno.h>
 #include <libesmtp.h>
@@ -609,7 +611,7 @@ static void deliver(struct worker *w, struct job *jobs, int n)
 		smtp_set_timeout(s, which[i] | Timeout_OVERRIDE_RFC2822_MINIMUM, t);
 	smtp_set_eventcb(s, event_cb, w);
 	smtp_set_monitorcb(s, monitor_cb, w, 0);
-	if (m->tls)
+	if (m->tls) /* takes a reference (SSL_CTX_up_ref), freed with the session */
 		smtp_starttls_set_ctx(s, m->tls);
 	smtp_starttls_enable(s, m->cfg->starttls == RD_STARTTLS_REQUIRE ? Starttls_REQUIRED
 				: m->cfg->starttls == RD_STARTTLS_TRY	? Starttls_ENABLED

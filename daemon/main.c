@@ -37,11 +37,13 @@ static void update_state(struct rd_daemon *d)
 	}
 	if (d->state == RD_ST_STARTING)
 		return;
-	bool ok = rd_amqp_connected(d->amqp) && rd_pg_connected(d->pg);
+	bool ok = rd_amqp_connected(d->amqp) && !rd_amqp_blocked(d->amqp) &&
+		  rd_pg_connected(d->pg);
 	enum rd_state next = ok ? RD_ST_RUNNING : RD_ST_DEGRADED;
 	if (next != d->state) {
-		rd_log(ok ? LOG_NOTICE : LOG_WARNING, "state", "state=%s amqp=%d postgres=%d",
-		       rd_state_name(next), rd_amqp_connected(d->amqp), rd_pg_connected(d->pg));
+		rd_log(ok ? LOG_NOTICE : LOG_WARNING, "state",
+		       "state=%s amqp=%d amqp_blocked=%d postgres=%d", rd_state_name(next),
+		       rd_amqp_connected(d->amqp), rd_amqp_blocked(d->amqp), rd_pg_connected(d->pg));
 		d->state = next;
 	}
 }
@@ -51,7 +53,8 @@ static void publish_status(struct rd_daemon *d)
 	update_state(d);
 	char *json = rd_status_json(d);
 	if (json) {
-		if (rd_amqp_connected(d->amqp))
+		/* not while blocked: the broker does not read that connection */
+		if (rd_amqp_connected(d->amqp) && !rd_amqp_blocked(d->amqp))
 			(void)rd_amqp_publish_status(d->amqp, json, strlen(json));
 		free(json);
 	}

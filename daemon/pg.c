@@ -7,7 +7,14 @@
  * caller decides what to do from the classification in rd_pg_done_cb.
  *
  * Connecting (and preparing) is blocking but bounded by connect_timeout;
- * everything on an established connection is non-blocking. */
+ * everything on an established connection is non-blocking.
+ *
+ * A peer that stops answering without closing (a hung server or proxy: TCP
+ * keepalives are still acknowledged) is noticed by a reply deadline per
+ * connection: a job must finish within statement_timeout + 5 s (the server
+ * cancels at statement_timeout; 60 s when that is 0), and a connection
+ * idle for 5 s is pinged with an empty sync that must be answered within
+ * 10 s. A missed deadline closes the connection as lost. */
 #include "pg.h"
 
 #include <errno.h>
@@ -24,6 +31,10 @@
  * to a minute (see rd_pg_submit) */
 #define RD_PG_REPLAN_MIN_US 2000000
 #define RD_PG_REPLAN_MAX_US 60000000
+#define RD_PG_PING_IDLE_MS 5000	   /* ping a connection idle this long */
+#define RD_PG_PING_REPLY_MS 10000   /* the ping's reply deadline */
+#define RD_PG_JOB_GRACE_MS 5000	   /* a job: statement_timeout + this */
+#define RD_PG_JOB_NO_TIMEOUT_MS 60000 /* a job when statement_timeout = 0 */
 
 enum conn_state { C_DOWN, C_IDLE, C_BUSY };
 
@@ -34,6 +45,8 @@ struct rd_pgconn {
 	struct event *rev;
 	struct event *wev;
 	struct event *timer;
+	struct event *watch; /* reply deadline (busy) or idle ping (idle) */
+	bool ping;	     /* the job in flight is a ping */
 	enum conn_state state;
 	int backoff_ms;
 	int64_t replan_at_us;
@@ -63,6 +76,20 @@ struct rd_pg {
 static void conn_schedule(struct rd_pgconn *c);
 static void conn_read_cb(evutil_socket_t fd, short what, void *arg);
 static void conn_write_cb(evutil_socket_t fd, short what, void *arg);
+static void conn_flush(struct rd_pgconn *c);
+static void conn_lost(struct rd_pgconn *c, const char *why);
+
+static void watch_in(struct rd_pgconn *c, int ms)
+{
+	struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+	event_add(c->watch, &tv);
+}
+
+static int job_deadline_ms(const struct rd_pgconn *c)
+{
+	int st = c->pg->cfg->statement_timeout_ms;
+	return st > 0 ? st + RD_PG_JOB_GRACE_MS : RD_PG_JOB_NO_TIMEOUT_MS;
+}
 
 static char *read_secret_file(const char *path, struct rd_err *err)
 {
@@ -192,6 +219,8 @@ static void conn_close(struct rd_pgconn *c)
 		PQfinish(c->conn);
 		c->conn = NULL;
 	}
+	event_del(c->watch);
+	c->ping = false;
 	c->state = C_DOWN;
 }
 
@@ -200,18 +229,56 @@ static void job_finish(struct rd_pgconn *c, enum rd_status st, int idx, const ch
 {
 	rd_pg_done_cb done = c->on_done;
 	void *arg = c->arg;
+	bool ping = c->ping;
 	c->on_done = NULL;
 	c->on_row = NULL;
 	c->arg = NULL;
+	c->ping = false;
 	if (st == RD_FAIL) {
 		conn_close(c);
 		conn_schedule(c);
 		report_state(c->pg);
 	} else {
 		c->state = C_IDLE;
+		watch_in(c, RD_PG_PING_IDLE_MS);
 	}
 	if (done)
 		done(arg, st, idx, msg);
+	else if (ping && c->state == C_IDLE && c->pg->connected && c->pg->on_state)
+		c->pg->on_state(c->pg->arg, true); /* idle again: work may be waiting */
+}
+
+/* The reply deadline of a job passed, or a connection was idle long
+ * enough to be pinged. */
+static void conn_watch_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct rd_pgconn *c = arg;
+	char why[96];
+	(void)fd;
+	(void)what;
+	if (c->state == C_BUSY) {
+		snprintf(why, sizeof(why), "no reply from the server within %d ms",
+			 c->ping ? RD_PG_PING_REPLY_MS : job_deadline_ms(c));
+		conn_lost(c, why);
+	} else if (c->state == C_IDLE) {
+		c->state = C_BUSY;
+		c->ping = true;
+		c->on_row = NULL;
+		c->on_done = NULL;
+		c->arg = NULL;
+		c->nstmts = 0;
+		c->cur = 0;
+		c->cur_seen = false;
+		c->err_st = RD_OK;
+		c->err_idx = -1;
+		c->errmsg[0] = '\0';
+		if (!PQpipelineSync(c->conn)) {
+			conn_lost(c, PQerrorMessage(c->conn));
+			return;
+		}
+		watch_in(c, RD_PG_PING_REPLY_MS);
+		conn_flush(c);
+	}
 }
 
 static void conn_lost(struct rd_pgconn *c, const char *why)
@@ -365,6 +432,7 @@ static enum rd_status conn_open(struct rd_pgconn *c, struct rd_err *err)
 	c->backoff_ms = 0;
 	c->replan_every_us = RD_PG_REPLAN_MIN_US;
 	c->replan_at_us = rd_mono_us() + c->replan_every_us;
+	watch_in(c, RD_PG_PING_IDLE_MS);
 	return RD_OK;
 }
 
@@ -417,6 +485,7 @@ struct rd_pg *rd_pg_new(struct event_base *base, const struct rd_config *cfg,
 		c->idx = i;
 		c->state = C_DOWN;
 		c->timer = evtimer_new(base, conn_timer_cb, c);
+		c->watch = evtimer_new(base, conn_watch_cb, c);
 	}
 	return pg;
 }
@@ -428,6 +497,7 @@ void rd_pg_free(struct rd_pg *pg)
 	for (int i = 0; i < pg->nconns; i++) {
 		conn_close(&pg->conns[i]);
 		event_free(pg->conns[i].timer);
+		event_free(pg->conns[i].watch);
 	}
 	free(pg->conns);
 	free(pg);
@@ -485,6 +555,7 @@ enum rd_status rd_pg_submit(struct rd_pg *pg, int conn, const struct rd_pg_stmt 
 	c->err_st = RD_OK;
 	c->err_idx = -1;
 	c->errmsg[0] = '\0';
+	watch_in(c, job_deadline_ms(c));
 	for (int i = 0; i < n; i++) {
 		if (!PQsendQueryPrepared(c->conn, stmts[i].name, stmts[i].nparams, stmts[i].values,
 					 NULL, NULL, 0)) {

@@ -316,6 +316,11 @@ size_t rd_tpl_encode_text(const char *field, const char *value, char *out, size_
 	return o.overflow ? 0 : o.len;
 }
 
+/* Longest display name written as a plain or quoted phrase: quoted with
+ * every character escaped (2 x 300 + 2) plus " <" address (254) ">" and
+ * "Reply-To: " stays within 998 characters. */
+#define MAILBOX_PLAIN_MAX 300
+
 /* RFC 5322 atext plus space: a phrase that needs no quoting */
 static bool phrase_atoms(const char *s)
 {
@@ -340,7 +345,10 @@ size_t rd_tpl_encode_mailbox(const char *name, const char *addr, char *out, size
 	trim_copy(t, sizeof(t), nm, strlen(nm));
 	free(nm);
 	if (t[0]) {
-		if (!plain_ascii(t)) {
+		/* a long ASCII name quoted (up to twice its length with escapes)
+		 * plus " <addr>" could exceed the 998-character line limit
+		 * (found by fuzz_template): encoded words fold instead */
+		if (!plain_ascii(t) || strlen(t) > MAILBOX_PLAIN_MAX) {
 			encoded_words(&o, t, strlen(t));
 		} else if (phrase_atoms(t)) {
 			oputs(&o, t);
@@ -455,7 +463,12 @@ static void rfc5322_date(int64_t ms, char *out, size_t outsize)
 					 "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
 	time_t t = (time_t)(ms / 1000);
 	struct tm tm;
-	gmtime_r(&t, &tm);
+	/* a time outside struct tm's range (year beyond INT_MAX) leaves tm
+	 * unset: fall back to the epoch rather than print garbage */
+	if (!gmtime_r(&t, &tm) || tm.tm_year < -1900 || tm.tm_year > 9999 - 1900) {
+		t = 0;
+		gmtime_r(&t, &tm);
+	}
 	snprintf(out, outsize, "%s, %d %s %04d %02d:%02d:%02d +0000", wd[tm.tm_wday % 7],
 		 tm.tm_mday, mo[tm.tm_mon % 12], tm.tm_year + 1900, tm.tm_hour, tm.tm_min,
 		 tm.tm_sec);

@@ -12,6 +12,7 @@ PACKAGES=(
   postgresql postgresql-contrib rabbitmq-server amqp-tools postfix
   python3 python3-pika python3-psycopg2 python3-msgpack python3-pytest
   python3-aiosmtpd iproute2 procps psmisc openssl ca-certificates systemd
+  libssl-dev valgrind
 )
 
 missing=()

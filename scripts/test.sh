@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # test.sh - THE test command: installs the dependencies, builds rosterd with
-# ASan+UBSan (build-test) and the libFuzzer targets with clang (build-fuzz),
-# then runs every test with ctest: unit tests and fuzzers (2 in parallel),
-# then the integration tests serially against private PostgreSQL, RabbitMQ
-# and SMTP servers (tests/fixture/servers.sh, stopped whatever happens).
+# ASan+UBSan (build-test), the libFuzzer targets with clang (build-fuzz), a
+# ThreadSanitizer rosterd (build-tsan) and a plain RelWithDebInfo rosterd for
+# valgrind (build-plain), then runs every test with ctest: unit tests and
+# fuzzers (2 in parallel, 5 million runs per fuzzer), then the integration
+# tests serially against private PostgreSQL, RabbitMQ and SMTP servers
+# (tests/fixture/servers.sh, stopped whatever happens). The integration
+# tests get ROSTERD_TSAN_BIN (the worker-thread test of test_outbox.py runs
+# the TSan build) and ROSTERD_PLAIN_BIN (test_valgrind.py).
 # Exit status: 0 when everything passed.
 #
 #   sudo bash scripts/test.sh               everything (CI runs this)
 #   sudo bash scripts/test.sh -L unit       only what ctest selects (args go
 #                                           to one serial ctest run)
-# Environment: FUZZ_SECONDS (default 60 per fuzzer), SKIP_DEPS=1 (do not run
+# Environment: FUZZ_RUNS (default 5000000 per fuzzer), FUZZ_MAX_SECONDS
+# (default 1500: a fuzzer not done by then fails), SKIP_DEPS=1 (do not run
 # install-deps.sh), JOBS (build parallelism, default nproc), CTEST_JOBS
 # (parallel unit/fuzz tests, default 2).
 set -euo pipefail
@@ -18,6 +23,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 BUILD=$ROOT/build-test
 FUZZ_BUILD=$ROOT/build-fuzz
+TSAN_BUILD=$ROOT/build-tsan
+PLAIN_BUILD=$ROOT/build-plain
 SERVERS_DIR=$BUILD/test-servers
 JOBS=${JOBS:-$(nproc)}
 CTEST_JOBS=${CTEST_JOBS:-2}
@@ -46,7 +53,8 @@ if [ "${SKIP_DEPS:-0}" != 1 ]; then
 fi
 
 # --- fuzzers (clang, libFuzzer) ------------------------------------------------
-fuzz_args=(-DROSTERD_FUZZ_DIR= "-DROSTERD_FUZZ_SECONDS=${FUZZ_SECONDS:-60}")
+fuzz_caps=("-DROSTERD_FUZZ_RUNS=${FUZZ_RUNS:-5000000}" "-DROSTERD_FUZZ_MAX_SECONDS=${FUZZ_MAX_SECONDS:-1500}")
+fuzz_args=(-DROSTERD_FUZZ_DIR= "${fuzz_caps[@]}")
 shopt -s nullglob
 fuzz_src=(tests/fuzz/fuzz_*.c)
 shopt -u nullglob
@@ -60,10 +68,21 @@ if [ ${#fuzz_src[@]} -gt 0 ]; then
 		targets+=(--target "${n%.c}")
 	done
 	cmake --build "$FUZZ_BUILD" -j "$JOBS" "${targets[@]}"
-	fuzz_args=("-DROSTERD_FUZZ_DIR=$FUZZ_BUILD" "-DROSTERD_FUZZ_SECONDS=${FUZZ_SECONDS:-60}")
+	fuzz_args=("-DROSTERD_FUZZ_DIR=$FUZZ_BUILD" "${fuzz_caps[@]}")
 else
 	say "no tests/fuzz/fuzz_*.c: no fuzzers"
 fi
+
+# --- rosterd with ThreadSanitizer, and plain (for valgrind) -------------------
+say "build build-tsan (RelWithDebInfo, TSan) and build-plain (RelWithDebInfo)"
+cmake -S . -B "$TSAN_BUILD" -DROSTERD_TSAN=ON -DROSTERD_SANITIZE=OFF -DROSTERD_TESTS=OFF \
+	-DCMAKE_BUILD_TYPE=RelWithDebInfo
+cmake --build "$TSAN_BUILD" -j "$JOBS" --target rosterd
+cmake -S . -B "$PLAIN_BUILD" -DROSTERD_SANITIZE=OFF -DROSTERD_TESTS=OFF \
+	-DCMAKE_BUILD_TYPE=RelWithDebInfo
+cmake --build "$PLAIN_BUILD" -j "$JOBS" --target rosterd
+export ROSTERD_TSAN_BIN=$TSAN_BUILD/rosterd
+export ROSTERD_PLAIN_BIN=$PLAIN_BUILD/rosterd
 
 # --- rosterd with ASan+UBSan -----------------------------------------------------
 say "build build-test (Debug, ASan+UBSan)"

@@ -141,7 +141,7 @@ static void test_defaults(void **state)
 	assert_string_equal(c->status_exchange, "rosterd.status");
 	assert_int_equal(c->queue_type, RD_QUEUE_CLASSIC);
 	assert_int_equal(c->prefetch, 500);
-	assert_int_equal(c->heartbeat, 30);
+	assert_int_equal(c->heartbeat, 5);
 	assert_int_equal(c->delivery_limit, 20);
 
 	assert_string_equal(c->conninfo, "host=127.0.0.1 port=5432 dbname=rosterd");

@@ -441,6 +441,48 @@ static void test_build_message(void **state)
 	assert_int_equal(rd_tpl_build(&m, &text, &len, &err), RD_REJECT);
 }
 
+/* Found by fuzz_template: a long ASCII display name written as a plain or
+ * quoted phrase made a header line over 998 characters. And a Date outside
+ * the years 0000-9999 is not RFC 5322: such a time prints the epoch. */
+static void test_long_name_and_date(void **state)
+{
+	(void)state;
+	char name[1000];
+	memset(name, '^', sizeof(name) - 1); /* atext: a plain phrase */
+	name[sizeof(name) - 1] = '\0';
+	char out[8192];
+	size_t n = rd_tpl_encode_mailbox(name, "a@b.example", out, sizeof(out));
+	assert_true(n > 0);
+	assert_non_null(strstr(out, "=?UTF-8?B?"));
+	for (char *line = out; *line;) {
+		char *e = strstr(line, "\r\n");
+		size_t l = e ? (size_t)(e - line) : strlen(line);
+		assert_true(l + strlen("Reply-To: ") <= 998);
+		line = e ? e + 2 : line + l;
+	}
+	/* 300 characters still go as a plain phrase */
+	name[300] = '\0';
+	rd_tpl_encode_mailbox(name, "a@b.example", out, sizeof(out));
+	assert_int_equal(out[0], '^');
+
+	struct rd_tpl_mail m = {.from_addr = "info@acme.example",
+				.to_addr = "zoe@example.org",
+				.subject = "s",
+				.body = "b",
+				.message_id = "<7.abcdef@acme.example>",
+				.date_ms = INT64_MAX};
+	char *text;
+	size_t len;
+	struct rd_err err;
+	assert_int_equal(rd_tpl_build(&m, &text, &len, &err), RD_OK);
+	assert_non_null(strstr(text, "Date: Thu, 1 Jan 1970 00:00:00 +0000\r\n"));
+	free(text);
+	m.date_ms = INT64_MIN;
+	assert_int_equal(rd_tpl_build(&m, &text, &len, &err), RD_OK);
+	assert_non_null(strstr(text, "Date: Thu, 1 Jan 1970 00:00:00 +0000\r\n"));
+	free(text);
+}
+
 /* ---- retries ---- */
 
 static void test_backoff(void **state)
@@ -481,6 +523,7 @@ int main(void)
 	    cmocka_unit_test(test_injection_attempts), cmocka_unit_test(test_encode_mailbox),
 	    cmocka_unit_test(test_parse_mailbox),      cmocka_unit_test(test_msgid),
 	    cmocka_unit_test(test_build_message),      cmocka_unit_test(test_backoff),
+	    cmocka_unit_test(test_long_name_and_date),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
