@@ -23,6 +23,7 @@
 #define RD_AMQP_RPC_TIMEOUT_S 10
 #define RD_AMQP_BACKOFF_MIN_MS 100
 #define RD_AMQP_BACKOFF_MAX_MS 2000
+#define RD_CONFIRM_SLOW_MS 1000 /* log publisher confirms that took this long */
 /* The timeout of a non-blocking read: 1 us, not 0. librabbitmq treats a
  * zero timeout as "immediate", which always wins over its receive-heartbeat
  * deadline, so a peer that went silent was never noticed by the 1 s tick
@@ -858,7 +859,9 @@ static void pub_drain(struct rd_amqp *a)
 
 enum rd_status rd_amqp_confirm_wait(struct rd_amqp *a, int timeout_ms, struct rd_err *err)
 {
-	int64_t deadline = rd_mono_us() + (int64_t)timeout_ms * 1000;
+	int64_t t0 = rd_mono_us();
+	int64_t deadline = t0 + (int64_t)timeout_ms * 1000;
+	size_t waited_for = a->nunconf;
 	while (a->pub.up && a->nunconf > 0) {
 		int64_t left = deadline - rd_mono_us();
 		if (left <= 0) {
@@ -877,6 +880,10 @@ enum rd_status rd_amqp_confirm_wait(struct rd_amqp *a, int timeout_ms, struct rd
 		if (!pub_frame(a, &f))
 			break;
 	}
+	int64_t took_ms = (rd_mono_us() - t0) / 1000;
+	if (took_ms >= RD_CONFIRM_SLOW_MS)
+		rd_log(LOG_WARNING, "amqp.confirm_slow", "published=%zu ms=%lld", waited_for,
+		       (long long)took_ms);
 	if (!a->pub.up)
 		return rd_errf(err, RD_FAIL, "amqp publisher lost before confirms");
 	amqp_maybe_release_buffers(a->pub.st);

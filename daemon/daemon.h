@@ -37,6 +37,8 @@ struct rd_daemon {
 	struct rd_pg *pg;
 	enum rd_state state;
 	bool draining;
+	int64_t drain_logged_us;  /* last drain.waiting log */
+	int64_t drain_deadline_us; /* drain_timeout after SIGTERM */
 	bool pg_started; /* migrations applied, pool started */
 	bool ready;      /* READY=1 sent */
 	int64_t started_us;

@@ -124,9 +124,19 @@ static void drain_check_cb(evutil_socket_t fd, short what, void *arg)
 {
 	struct rd_daemon *d = arg;
 	(void)fd;
-	if (what & EV_TIMEOUT && d->draining && rd_pipeline_idle(d)) {
+	if (!(what & EV_TIMEOUT) || !d->draining)
+		return;
+	if (rd_pipeline_idle(d)) {
 		rd_log(LOG_NOTICE, "drained", "applied=%llu", (unsigned long long)d->n.applied);
 		event_base_loopexit(d->base, NULL);
+		return;
+	}
+	/* once a second: what the drain still waits for */
+	int64_t now = rd_mono_us();
+	if (now - d->drain_logged_us >= 1000000) {
+		d->drain_logged_us = now;
+		rd_log(LOG_NOTICE, "drain.waiting", "pending=%d inflight_batches=%d pg_busy=%d",
+		       d->npending, d->inflight_batches, rd_pg_busy(d->pg));
 	}
 }
 
@@ -145,6 +155,8 @@ static void start_drain(struct rd_daemon *d)
 	       d->inflight_batches);
 	sd_notify(0, "STOPPING=1");
 	d->draining = true;
+	d->drain_logged_us = rd_mono_us();
+	d->drain_deadline_us = d->drain_logged_us + (int64_t)d->cfg->drain_timeout * 1000000;
 	d->state = RD_ST_DRAINING;
 	rd_amqp_cancel(d->amqp);
 	rd_pipeline_requeue_pending(d);

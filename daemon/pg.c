@@ -35,6 +35,7 @@
 #define RD_PG_PING_REPLY_MS 10000   /* the ping's reply deadline */
 #define RD_PG_JOB_GRACE_MS 5000	   /* a job: statement_timeout + this */
 #define RD_PG_JOB_NO_TIMEOUT_MS 60000 /* a job when statement_timeout = 0 */
+#define RD_PG_SLOW_JOB_MS 2000     /* log a job that took this long */
 
 enum conn_state { C_DOWN, C_IDLE, C_BUSY };
 
@@ -61,6 +62,7 @@ struct rd_pgconn {
 	enum rd_status err_st;
 	int err_idx;
 	char errmsg[300];
+	int64_t started_us; /* when the job was sent, for the slow-job log */
 };
 
 struct rd_pg {
@@ -230,6 +232,10 @@ static void job_finish(struct rd_pgconn *c, enum rd_status st, int idx, const ch
 	rd_pg_done_cb done = c->on_done;
 	void *arg = c->arg;
 	bool ping = c->ping;
+	int64_t took_ms = (rd_mono_us() - c->started_us) / 1000;
+	if (!ping && took_ms >= RD_PG_SLOW_JOB_MS)
+		rd_log(LOG_WARNING, "pg.slow_job", "conn=%d statements=%d ms=%lld status=%s", c->idx,
+		       c->nstmts, (long long)took_ms, rd_status_name(st));
 	c->on_done = NULL;
 	c->on_row = NULL;
 	c->arg = NULL;
@@ -555,6 +561,7 @@ enum rd_status rd_pg_submit(struct rd_pg *pg, int conn, const struct rd_pg_stmt 
 	c->err_st = RD_OK;
 	c->err_idx = -1;
 	c->errmsg[0] = '\0';
+	c->started_us = rd_mono_us();
 	watch_in(c, job_deadline_ms(c));
 	for (int i = 0; i < n; i++) {
 		if (!PQsendQueryPrepared(c->conn, stmts[i].name, stmts[i].nparams, stmts[i].values,

@@ -264,8 +264,16 @@ static void settle(struct rd_daemon *d, struct rd_msg **msgs, int n)
 			npub++;
 		}
 	}
-	if (pst == RD_OK && npub > 0)
-		pst = rd_amqp_confirm_wait(d->amqp, RD_CONFIRM_TIMEOUT_MS, &err);
+	if (pst == RD_OK && npub > 0) {
+		/* draining: do not wait past the drain deadline (what is not
+		 * confirmed is requeued; its redelivery finds the outcome) */
+		int wait_ms = RD_CONFIRM_TIMEOUT_MS;
+		if (d->draining) {
+			int64_t left = (d->drain_deadline_us - rd_mono_us()) / 1000 - 250;
+			wait_ms = left < 100 ? 100 : left < wait_ms ? (int)left : wait_ms;
+		}
+		pst = rd_amqp_confirm_wait(d->amqp, wait_ms, &err);
+	}
 	if (pst != RD_OK)
 		rd_log(LOG_WARNING, "msg.publish_failed", "messages=%d error=\"%s\"", n, err.msg);
 	for (int i = 0; i < n; i++) {

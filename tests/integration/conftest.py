@@ -161,6 +161,13 @@ def rosterd(request, tmp_path, servers, db, names, smtp, amqp):
     report, findings = f.teardown(_failed(request))
     if report:
         print("\n".join(report))
+        # the reason again after the logs, where a reader of the tail looks
+        for when in ("setup", "call"):
+            rep = getattr(request.node, "rep_" + when, None)
+            if rep is not None and rep.failed:
+                crash = getattr(rep.longrepr, "reprcrash", None)
+                why = crash.message if crash is not None else str(rep.longrepr)[-2000:]
+                print("----- %s failed (%s): %s" % (request.node.name, when, why[:2000]))
     if findings:
         pytest.fail("sanitizer report in rosterd log:\n" + "\n".join(findings), pytrace=False)
 

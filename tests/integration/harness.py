@@ -1261,7 +1261,14 @@ class RosterdFactory:
                 findings.append("%s: %s" % (rd.log_path, bad[0]))
             if failed or bad:
                 lines = rd.log_lines()
-                report.append("----- rosterd log %s (%d lines, last 300) -----"
-                              % (rd.log_path, len(lines)))
-                report.extend(lines[-300:])
+                # notices and worse from the whole log (info lines such as
+                # msg.settled would push them out of a plain tail), then
+                # the tail as it is
+                marked = [l for l in lines[:-100] if re.match(r"<[0-5]>", l)]
+                report.append("----- rosterd log %s: %d lines; notices and worse before the "
+                              "last 100 (%d, first 200) -----"
+                              % (rd.log_path, len(lines), len(marked)))
+                report.extend(marked[:200])
+                report.append("----- rosterd log %s: last 100 lines -----" % rd.log_path)
+                report.extend(lines[-100:])
         return report, findings
