@@ -13,6 +13,8 @@
 #      publisher: 1-2 attendees, 20 % new emails, 10 organisations,
 #      100,000 existing contacts), with CPU per party and peak RSS
 #   4. rosterd's apply latency p50/p99 at half its measured rate
+#   5. rosterd's RSS over RSS_N messages (default 1,000,000; 0 skips it):
+#      10 % new events, 0.5 % broken bodies, the rest re-sent (bench/rss_flat.py)
 # and prints a table with the ratios against the targets of the issue.
 # Results go to bench/results/<time>/ (summary.md, raw lines).
 set -euo pipefail
@@ -21,6 +23,7 @@ ROOT=$PWD
 SHARED=${SHARED:-$ROOT/../shared/bench}
 N=${N:-200000}
 PEER_N=${PEER_N:-50000}
+RSS_N=${RSS_N:-1000000}
 PG_SECONDS=${PG_SECONDS:-15}
 LAT_SECONDS=${LAT_SECONDS:-20}
 PY=/usr/bin/python3
@@ -118,6 +121,21 @@ P50=$(sed -n 's/.*p50_ms=\([0-9.]*\).*/\1/p' "$WORK/lat.out")
 P99=$(sed -n 's/.*p99_ms=\([0-9.]*\).*/\1/p' "$WORK/lat.out")
 ACH=$(sed -n 's/.*achieved_rate=\([0-9.]*\).*/\1/p' "$WORK/lat.out")
 
+# --- 5. memory over a long run -----------------------------------------------------------
+RSS_LINE="" GROWTH="" WARM=""
+if [ "$RSS_N" -gt 0 ]; then
+  say "== rosterd RSS over $RSS_N messages"
+  purge
+  $PY bench/rss_flat.py --rosterd ./build-bench/rosterd --config "$WORK/rosterd.conf" \
+    --amqp-url "$AMQP_URL" --shared "$SHARED" --count "$RSS_N" --log "$WORK/rosterd-rss.log" \
+    >"$WORK/rss.out" || { tail -30 "$WORK/rss.out" "$WORK/rosterd-rss.log"; exit 1; }
+  cat "$WORK/rss.out" >>"$RESULTS/run.log"
+  RSS_LINE=$(grep '^rss ' "$WORK/rss.out")
+  say "   $RSS_LINE"
+  GROWTH=$(sed -n 's/.*growth_kb=\([0-9-]*\).*/\1/p' <<<"$RSS_LINE")
+  WARM=$(sed -n 's/.*warm_kb=\([0-9]*\).*/\1/p' <<<"$RSS_LINE")
+fi
+
 # --- summary -----------------------------------------------------------------------------
 {
   echo "| measure | value | target | verdict |"
@@ -131,6 +149,11 @@ ACH=$(sed -n 's/.*achieved_rate=\([0-9.]*\).*/\1/p' "$WORK/lat.out")
     printf "| apply latency p50 / p99 at %d/s (achieved %d/s) | %.1f / %.1f ms | p99 < 20 ms | %s |\n", half, ach, p50, p99, (p99 < 20) ? "met" : "NOT met";
     printf "| rosterd peak RSS | %.1f MiB | < 64 MiB | %s |\n", rss/1024, (rss < 65536) ? "met" : "NOT met";
   }'
+  if [ -n "$RSS_LINE" ]; then
+    awk -v g="$GROWTH" -v w="$WARM" -v n="$RSS_N" 'BEGIN{
+      printf "| RSS growth over %d messages after the first 10 %% (from %.1f MiB) | %.1f MiB | flat (< 2 MiB) | %s |\n", n, w/1024, g/1024, (g < 2048) ? "met" : "NOT met";
+    }'
+  fi
   echo
   echo "CPU during the drain (percent of one core; the machine has $(nproc)): $CPU_LINE"
   echo "Outcomes: $outcomes"
