@@ -8,7 +8,8 @@
 # the promised number of runs), it does not pass quietly.
 # Extra libFuzzer flags of a target (e.g. a smaller -max_len) may be given
 # in tests/fuzz/NAME.options (one line next to the source; only -max_len=N
-# is read).
+# and -runs=N are read; -runs=N caps RUNS for a target whose inputs are
+# slow, so that it finishes well inside MAX_SECONDS on a slow machine).
 # Prints "fuzz: NAME runs=N crashes=N seconds=N" and exits non-zero on any
 # crash, leak, timeout, OOM or too few runs; the reproducer and the log are
 # then kept in ${FUZZ_ARTIFACTS:-/tmp}/rosterd-fuzz-NAME-PID/ and their path
@@ -31,7 +32,10 @@ if [ -f "$opts_file" ]; then
 fi
 max_len=-max_len=65536
 for o in "${extra[@]}"; do
-  case $o in -max_len=*) max_len=$o ;; esac
+  case $o in
+    -max_len=*) max_len=$o ;;
+    -runs=*) if [ "${o#-runs=}" -lt "$want_runs" ]; then want_runs=${o#-runs=}; fi ;;
+  esac
 done
 
 if [ ! -x "$bin" ]; then
