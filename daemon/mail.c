@@ -59,7 +59,7 @@
 #include "pg.h"
 #include "template.h"
 
-#define RD_MAIL_BATCH 32	 /* rows per claim, i.e. per SMTP session */
+#define RD_MAIL_BATCH 128	 /* rows per claim, i.e. per SMTP session */
 #define RD_MAIL_IDLE_MAX_MS 5000 /* longest sleep without a notification */
 #define RD_MAIL_IDLE_MIN_MS 20	 /* due rows locked by others: do not spin */
 #define RD_MAIL_ERRLEN 300

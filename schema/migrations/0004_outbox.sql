@@ -182,7 +182,7 @@ CREATE TABLE rd.outbox (
 	PRIMARY KEY (org, outbox_id),
 	FOREIGN KEY (org, contact_id) REFERENCES rd.contacts (org, contact_id) ON DELETE CASCADE
 );
-CREATE INDEX outbox_due ON rd.outbox (due_at) WHERE status IN ('queued', 'retrying', 'sending');
+CREATE INDEX outbox_due ON rd.outbox (due_at, outbox_id) WHERE status IN ('queued', 'retrying', 'sending');
 CREATE INDEX outbox_claim ON rd.outbox (claim) WHERE status = 'sending';
 CREATE INDEX outbox_contact ON rd.outbox (org, contact_id, created_at);
 CREATE INDEX outbox_status ON rd.outbox (org, status, created_at);
@@ -431,16 +431,27 @@ CREATE FUNCTION rd.outbox_claim(p_claim text, p_limit integer, p_lease_ms intege
 RETURNS TABLE (org text, outbox_id bigint, from_address text, reply_to text, to_name text,
 	       to_address text, subject text, body text, message_id text, created_ms bigint,
 	       window_ms bigint, window_attempts integer, attempts integer)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Walk outbox_due in order and stop after p_limit rows, whatever the
+-- statistics say. Without these, a backlog that arrived since the last
+-- ANALYZE (rows estimated: a hundred; due: 50,000) was read whole by a
+-- bitmap scan and sorted at every claim: 58 ms instead of 4.7 ms for 128 of
+-- 50,000 rows, the claim of every worker getting slower as the backlog grew.
+SET enable_bitmapscan = off SET enable_sort = off SET enable_seqscan = off
+AS $$
 #variable_conflict use_column
 BEGIN
 	-- PL/pgSQL: each call is a transaction of its own, in which a
 	-- LANGUAGE sql body would be planned again (idle workers poll it)
 	RETURN QUERY
+	-- The rows are joined back by ctid (we hold their locks, so it is
+	-- theirs until we commit; a row updated meanwhile fails the join and is
+	-- simply not claimed). By key, a plan made while the table was empty
+	-- looked each row up by org alone: 0.1 ms per row on 50,000 rows.
 	WITH c AS (
-		SELECT o.org, o.outbox_id FROM rd.outbox o
+		SELECT o.ctid AS t, o.org, o.outbox_id FROM rd.outbox o
 		 WHERE o.status IN ('queued', 'retrying', 'sending') AND o.due_at <= now()
-		 ORDER BY o.due_at
+		 ORDER BY o.due_at, o.outbox_id
 		 LIMIT p_limit
 		   FOR UPDATE SKIP LOCKED)
 	UPDATE rd.outbox o SET status = 'sending', claim = p_claim,
@@ -448,7 +459,7 @@ BEGIN
 			       attempts = o.attempts + 1, window_attempts = o.window_attempts + 1,
 			       updated_at = now()
 	  FROM c
-	 WHERE o.org = c.org AND o.outbox_id = c.outbox_id
+	 WHERE o.ctid = c.t AND o.org = c.org AND o.outbox_id = c.outbox_id
 	RETURNING o.org, o.outbox_id, o.from_address, o.reply_to, o.to_name, o.to_address,
 		  o.subject, o.body, o.message_id,
 		  (extract(epoch FROM o.created_at) * 1000)::bigint,
@@ -471,7 +482,12 @@ $$;
 -- contact's activity.
 CREATE FUNCTION rd.outbox_record(p_claim text, p_orgs text[], p_ids bigint[], p_status text[],
 				 p_errors text[], p_delay_ms bigint[])
-RETURNS integer LANGUAGE sql AS $$
+RETURNS integer LANGUAGE sql
+-- A hash join of the claim's rows and the outcomes: planned on a table not
+-- yet analysed, the nested loop read the outcome arrays once per row
+-- (128 x 128 for one claim, 17 ms).
+SET enable_nestloop = off SET enable_seqscan = off
+AS $$
 	WITH u AS (
 		UPDATE rd.outbox o SET
 			status = r.status,

@@ -65,7 +65,9 @@ ALTER FUNCTION rd.outbox_record(text, text[], bigint[], text[], text[], bigint[]
 -- When the next row of any organisation is due: milliseconds from now, 0
 -- when overdue, -1 when nothing waits (schema/queries/outbox.sql).
 CREATE FUNCTION rd.outbox_next_due_ms() RETURNS bigint
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- the first entry of outbox_due, not a scan of the rows (see outbox_claim)
+SET enable_seqscan = off SET enable_bitmapscan = off AS $$
 	SELECT coalesce(greatest(0, (extract(epoch FROM min(o.due_at) - now()) * 1000)::bigint), -1)
 	  FROM rd.outbox o
 	 WHERE o.status IN ('queued', 'retrying', 'sending')
