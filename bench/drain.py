@@ -79,6 +79,13 @@ def main():
     n = 0
     next_count = 0.0
     while time.monotonic() < deadline:
+        try:
+            with open("/proc/%d/status" % p.pid) as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        rss = int(line.split()[1])
+        except OSError:
+            pass
         now = time.monotonic()
         if now >= next_count:
             n = count() - base
@@ -87,13 +94,6 @@ def main():
             rate = n / (now - t_ready) if n > 0 else 0
             wait = (a.count - n) / rate / 2 if rate > 0 else 0.05
             next_count = now + min(1.0, max(0.05, wait))
-        try:
-            with open("/proc/%d/status" % p.pid) as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        rss = int(line.split()[1])
-        except OSError:
-            pass
         time.sleep(0.05)
     t_done = time.monotonic()
     # the status document, for the latency percentiles
