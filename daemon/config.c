@@ -76,7 +76,7 @@ static const struct rd_cf_row rd_config_keys[] = {
 	CF_INT("daemon", "max_retries", max_retries, 10, 0, 1000, RD_CF_RELOAD),
 	CF_INT("daemon", "max_message_bytes", max_message_bytes, 1048576, 1024, 67108864, 0),
 	CF_INT("daemon", "batch_size", batch_size, 200, 1, 10000, RD_CF_RELOAD),
-	CF_INT("daemon", "batch_wait_ms", batch_wait_ms, 5, 0, 10000, RD_CF_RELOAD),
+	CF_INT("daemon", "batch_wait_ms", batch_wait_ms, 0, 0, 10000, RD_CF_RELOAD),
 	CF_INT("daemon", "drain_timeout", drain_timeout, 10, 1, 600, RD_CF_RELOAD),
 	CF_ENUM("daemon", "log_level", log_level, "info", level_names, RD_CF_RELOAD),
 

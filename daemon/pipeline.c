@@ -521,7 +521,9 @@ void rd_pipeline_flush(struct rd_daemon *d)
 				continue;
 			/* A full batch goes at once, and so does anything when
 			 * nothing is in flight (light load: no waiting);
-			 * otherwise give the batch batch_wait_ms to fill. */
+			 * otherwise give the batch batch_wait_ms to fill (0, the
+			 * default: the next turn of the event loop, after the
+			 * deliveries the socket has ready are read). */
 			if (pt->n < d->cfg->batch_size && d->inflight_batches > 0 && !d->batch_due) {
 				if (!d->batch_timer_armed) {
 					struct timeval tv = {d->cfg->batch_wait_ms / 1000,

@@ -125,7 +125,7 @@ static void test_defaults(void **state)
 	assert_int_equal(c->max_retries, 10);
 	assert_int_equal(c->max_message_bytes, 1048576);
 	assert_int_equal(c->batch_size, 200);
-	assert_int_equal(c->batch_wait_ms, 5);
+	assert_int_equal(c->batch_wait_ms, 0);
 	assert_int_equal(c->drain_timeout, 10);
 	assert_int_equal(c->log_level, 6); /* LOG_INFO */
 
