@@ -731,6 +731,34 @@ void rd_amqp_cancel(struct rd_amqp *a)
 	a->consuming = false;
 }
 
+static void conn_close_politely(struct conn *c, int timeout_ms)
+{
+	if (!c->up || !c->st)
+		return;
+	/* a blocked connection is not read by the broker: it would not answer */
+	if (!c->blocked) {
+		struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+		amqp_set_rpc_timeout(c->st, &tv);
+		amqp_rpc_reply_t r = amqp_connection_close(c->st, AMQP_REPLY_SUCCESS);
+		if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+			char buf[256];
+			rd_log(LOG_WARNING, "amqp.close_failed", "error=\"%s\"",
+			       reply_text(r, buf, sizeof(buf)));
+		}
+	}
+	conn_close(c);
+}
+
+void rd_amqp_close(struct rd_amqp *a, int timeout_ms)
+{
+	rd_delivery_free(a->cur);
+	a->cur = NULL;
+	conn_close_politely(&a->cons, timeout_ms);
+	conn_close_politely(&a->pub, timeout_ms);
+	a->nheld = 0;
+	a->nunconf = 0;
+}
+
 /* ---- publishing -------------------------------------------------------- */
 
 static void pub_lost(struct rd_amqp *a, const char *why)

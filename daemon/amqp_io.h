@@ -80,6 +80,13 @@ void rd_amqp_drop_to_dead(struct rd_amqp *a, const struct rd_delivery *d);
 /* Stop consuming (basic.cancel); deliveries already received stay ours. */
 void rd_amqp_cancel(struct rd_amqp *a);
 
+/* Close both connections politely (connection.close, waiting up to
+ * timeout_ms for close-ok): the broker answers only after it has handled
+ * every frame sent before, so the last acks are not lost to a socket
+ * closed under them. For a clean exit; rd_amqp_free closes what is left. */
+#define RD_AMQP_CLOSE_TIMEOUT_MS 2000
+void rd_amqp_close(struct rd_amqp *a, int timeout_ms);
+
 /* Publications on the publisher connection. The dead and retry ones are
  * persistent and confirmed: call rd_amqp_confirm_wait after a group of
  * them; it returns RD_OK only when the broker confirmed every one. */

@@ -361,6 +361,9 @@ int main(int argc, char **argv)
 	rd_log(LOG_NOTICE, "stop", "received=%llu applied=%llu duplicate=%llu rejected=%llu",
 	       (unsigned long long)d->n.received, (unsigned long long)d->n.applied,
 	       (unsigned long long)d->n.duplicate, (unsigned long long)d->n.rejected);
+	/* the acks of the last batches must reach the broker before the
+	 * sockets close: a polite close waits until it has read them */
+	rd_amqp_close(d->amqp, RD_AMQP_CLOSE_TIMEOUT_MS);
 
 	/* mail workers: join them (until the drain deadline); one stuck on a
 	 * stalled server is left behind: exit without freeing what it uses */
