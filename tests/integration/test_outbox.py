@@ -414,6 +414,35 @@ def test_batch_in_one_connection(rosterd, publish, db, smtp):
     assert len({m.message_id for m in smtp.mails()}) == 31
 
 
+def _commits(db):
+    return int(db.query1("SELECT xact_commit FROM pg_stat_database"
+                         " WHERE datname = current_database()"))
+
+
+def test_idle_workers_sleep_when_nothing_is_due(rosterd, db):
+    """With nothing to send, the next due time is 'none' (-1) and idle
+    workers wait for NOTIFY rd_outbox or their longest sleep (5 s), not
+    the shortest (20 ms): 0008 fixed a next-due time of 0 on an empty
+    outbox, which made 4 idle workers claim about 200 times a second."""
+    rosterd(workers=4)
+    assert db.query1("SELECT rd.outbox_next_due_ms()") == -1
+    time.sleep(1.5)   # the start-up work is counted and flushed
+    before = _commits(db)
+    time.sleep(3)
+    idle = _commits(db) - before
+    assert idle < 100, "%d transactions in 3 s with nothing to send" % idle
+    # one row waiting: its due time, never negative
+    db.execute("INSERT INTO rd.orgs (org, name, message_id) VALUES ('idle', 'Idle', 'm1')")
+    db.execute("INSERT INTO rd.contacts (org, email) VALUES ('idle', 'i@example.org')")
+    db.execute("INSERT INTO rd.outbox (org, contact_id, template, language, to_address, subject,"
+               " body, message_id, status, due_at)"
+               " SELECT 'idle', contact_id, 't', 'en', email, 's', 'b', '<i@x>', 'retrying',"
+               "        now() + interval '60 s' FROM rd.contacts WHERE org = 'idle'")
+    assert 55000 < db.query1("SELECT rd.outbox_next_due_ms()") <= 60000
+    db.execute("UPDATE rd.outbox SET status = 'failed' WHERE org = 'idle'")
+    assert db.query1("SELECT rd.outbox_next_due_ms()") == -1
+
+
 # --- stuck servers, shutdown, crashes -------------------------------------------------
 
 def test_stalled_server_does_not_block_other_workers(rosterd, publish, db, smtp):
