@@ -742,7 +742,7 @@ static void conn_close_politely(struct conn *c, int timeout_ms)
 		amqp_rpc_reply_t r = amqp_connection_close(c->st, AMQP_REPLY_SUCCESS);
 		if (r.reply_type != AMQP_RESPONSE_NORMAL) {
 			char buf[256];
-			rd_log(LOG_WARNING, "amqp.close_failed", "error=\"%s\"",
+			rd_log(LOG_WARNING, "amqp.close_failed", "conn=%s error=\"%s\"", c->name,
 			       reply_text(r, buf, sizeof(buf)));
 		}
 	}
@@ -751,12 +751,8 @@ static void conn_close_politely(struct conn *c, int timeout_ms)
 
 void rd_amqp_close(struct rd_amqp *a, int timeout_ms)
 {
-	rd_delivery_free(a->cur);
-	a->cur = NULL;
 	conn_close_politely(&a->cons, timeout_ms);
 	conn_close_politely(&a->pub, timeout_ms);
-	a->nheld = 0;
-	a->nunconf = 0;
 }
 
 /* ---- publishing -------------------------------------------------------- */
