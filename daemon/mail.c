@@ -1,6 +1,6 @@
 /* mail.c: the mail workers. Each of the [smtp] workers threads loops:
  *
- *   claim up to RD_MAIL_BATCH due rows (rd.outbox_claim: SKIP LOCKED, a
+ *   claim up to 128-512 due rows (rd.outbox_claim: SKIP LOCKED, a
  *   claim token and a lease) -> build each message (template.c) -> send
  *   them all in ONE libesmtp session (one connection for the batch) ->
  *   classify every message from its MAIL, RCPT and end-of-DATA replies ->
@@ -59,7 +59,14 @@
 #include "pg.h"
 #include "template.h"
 
-#define RD_MAIL_BATCH 128	 /* rows per claim, i.e. per SMTP session */
+/* Rows per claim, i.e. per SMTP session: RD_MAIL_BATCH, doubled after
+ * each full claim up to RD_MAIL_BATCH_MAX while a backlog lasts (fewer
+ * claims, records and sessions per mail: bench/mail_bench.sh, 6,500 ->
+ * 7,400 mails/s on average over 9 alternating rounds), back to
+ * RD_MAIL_BATCH as soon as a claim is not full, so that one worker does
+ * not take a few hundred rows alone that others could share. */
+#define RD_MAIL_BATCH 128
+#define RD_MAIL_BATCH_MAX 512
 #define RD_MAIL_IDLE_MAX_MS 5000 /* longest sleep without a notification */
 #define RD_MAIL_IDLE_MIN_MS 20	 /* due rows locked by others: do not spin */
 #define RD_MAIL_ERRLEN 300
@@ -109,6 +116,7 @@ struct worker {
 	char claim[40];
 	int lease_ms;
 	int64_t renew_at_us;
+	int claim_size; /* rows asked for by the next claim */
 	/* the session in flight */
 	int timeout_s;
 	int64_t activity_us;
@@ -836,7 +844,9 @@ static int batch(struct worker *w)
 	w->lease_ms = 4 * w->timeout_s * 1000;
 	char lease[16], lim[16];
 	snprintf(lease, sizeof(lease), "%d", w->lease_ms);
-	snprintf(lim, sizeof(lim), "%d", RD_MAIL_BATCH);
+	if (w->claim_size < RD_MAIL_BATCH)
+		w->claim_size = RD_MAIL_BATCH;
+	snprintf(lim, sizeof(lim), "%d", w->claim_size);
 	const char *p[3] = {w->claim, lim, lease};
 	PGresult *res = pg_run(w, "outbox_claim", 3, p);
 	drain_notifies(w);
@@ -845,6 +855,10 @@ static int batch(struct worker *w)
 		return -1;
 	}
 	int n = PQntuples(res);
+	if (n < w->claim_size)
+		w->claim_size = RD_MAIL_BATCH;
+	else if ((w->claim_size *= 2) > RD_MAIL_BATCH_MAX)
+		w->claim_size = RD_MAIL_BATCH_MAX;
 	if (n == 0) {
 		PQclear(res);
 		w->claim[0] = '\0';

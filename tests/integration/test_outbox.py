@@ -414,6 +414,36 @@ def test_batch_in_one_connection(rosterd, publish, db, smtp):
     assert len({m.message_id for m in smtp.mails()}) == 31
 
 
+def _queue_raw(db, org, n):
+    """n due outbox rows in one transaction (as the mail benchmark does)."""
+    db.execute("INSERT INTO rd.orgs (org, name, message_id) VALUES (%s, %s, 'm1')", org, org)
+    db.execute("INSERT INTO rd.contacts (org, email) VALUES (%s, %s)", org, org + "@example.org")
+    db.execute("INSERT INTO rd.outbox (org, contact_id, template, language, from_address,"
+               " to_address, subject, body, message_id)"
+               " SELECT %s, contact_id, 't', 'en', 'From <from@example.org>', email,"
+               "        's' || g, 'b' || g, '<' || g || '.' || %s || '@example.org>'"
+               "   FROM rd.contacts, generate_series(1, %s) g WHERE org = %s;"
+               " NOTIFY rd_outbox", org, org, n, org)
+
+
+def test_claims_grow_with_a_backlog_and_shrink_after(rosterd, db, smtp):
+    """A claim is one SMTP session. Under a backlog a worker's claims grow
+    from 128 to 512 rows (fewer claims, records and sessions per mail); a
+    claim that is not full brings it back to 128, so that a worker does not
+    take a few hundred rows alone while other workers could share them."""
+    rosterd(workers=1)
+    _queue_raw(db, "grow", 2000)
+    wait_status(db, "sent", 2000, timeout=60, org="grow")
+    # 128 + 256 + 512 + 512 + 512 + 80: 6 sessions (128 each: 16)
+    sessions = len(smtp.events("connect"))
+    assert 5 <= sessions <= 8, sessions
+    # after the backlog: 128 + 172, not one claim of 512
+    _queue_raw(db, "grow2", 300)
+    wait_status(db, "sent", 300, timeout=60, org="grow2")
+    assert len(smtp.events("connect")) - sessions == 2
+    assert len({m.message_id for m in smtp.mails()}) == 2300
+
+
 def _commits(db):
     return int(db.query1("SELECT xact_commit FROM pg_stat_database"
                          " WHERE datname = current_database()"))
