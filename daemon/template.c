@@ -534,21 +534,24 @@ enum rd_status rd_tpl_build(const struct rd_tpl_mail *m, char **out, size_t *out
 	struct sbuf body = {0};
 	sput(&body, "", 0);
 	bool seven = true;
-	size_t col = 0;
-	for (size_t i = 0; i < n; i++) {
-		unsigned char c = (unsigned char)s[i];
-		if (c == '\r' || c == '\n') {
-			if (c == '\r' && i + 1 < n && s[i + 1] == '\n')
-				i++;
-			sput(&body, "\r\n", 2);
-			col = 0;
-			continue;
+	for (size_t i = 0; i < n;) {
+		/* one line: copied at once (a call per byte was the largest
+		 * symbol of the mail workers' own CPU) */
+		size_t start = i;
+		while (i < n && s[i] != '\r' && s[i] != '\n') {
+			unsigned char c = (unsigned char)s[i++];
+			if (c >= 0x80 || (c < 0x20 && c != '\t') || c == 0x7f)
+				seven = false;
 		}
-		if (c >= 0x80 || (c < 0x20 && c != '\t') || c == 0x7f)
+		if (i - start > 76)
 			seven = false;
-		if (++col > 76)
-			seven = false;
-		sput(&body, (const char *)&c, 1);
+		sput(&body, s + start, i - start);
+		if (i < n) {
+			if (s[i] == '\r' && i + 1 < n && s[i + 1] == '\n')
+				i++;
+			i++;
+			sput(&body, "\r\n", 2);
+		}
 	}
 	if (body.len < 2 || memcmp(body.p + body.len - 2, "\r\n", 2) != 0)
 		sput(&body, "\r\n", 2);
