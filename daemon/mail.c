@@ -64,9 +64,15 @@
  * claims, records and sessions per mail: bench/mail_bench.sh, 6,500 ->
  * 7,400 mails/s on average over 9 alternating rounds), back to
  * RD_MAIL_BATCH as soon as a claim is not full, so that one worker does
- * not take a few hundred rows alone that others could share. */
+ * not take a few hundred rows alone that others could share. A claim
+ * grows only after a session shorter than RD_MAIL_GROW_US with bodies
+ * under RD_MAIL_GROW_BYTES: a slow server keeps sessions short enough for
+ * a drain (drain_timeout, 10 s by default, must see the session in flight
+ * end and be recorded), and large mails keep a claim's memory bounded. */
 #define RD_MAIL_BATCH 128
 #define RD_MAIL_BATCH_MAX 512
+#define RD_MAIL_GROW_US 2000000
+#define RD_MAIL_GROW_BYTES (8u << 20)
 #define RD_MAIL_IDLE_MAX_MS 5000 /* longest sleep without a notification */
 #define RD_MAIL_IDLE_MIN_MS 20	 /* due rows locked by others: do not spin */
 #define RD_MAIL_ERRLEN 300
@@ -846,19 +852,19 @@ static int batch(struct worker *w)
 	snprintf(lease, sizeof(lease), "%d", w->lease_ms);
 	if (w->claim_size < RD_MAIL_BATCH)
 		w->claim_size = RD_MAIL_BATCH;
-	snprintf(lim, sizeof(lim), "%d", w->claim_size);
+	int lim_n = w->claim_size;
+	snprintf(lim, sizeof(lim), "%d", lim_n);
 	const char *p[3] = {w->claim, lim, lease};
 	PGresult *res = pg_run(w, "outbox_claim", 3, p);
 	drain_notifies(w);
 	if (!res) {
 		w->claim[0] = '\0';
+		w->claim_size = RD_MAIL_BATCH;
 		return -1;
 	}
 	int n = PQntuples(res);
-	if (n < w->claim_size)
-		w->claim_size = RD_MAIL_BATCH;
-	else if ((w->claim_size *= 2) > RD_MAIL_BATCH_MAX)
-		w->claim_size = RD_MAIL_BATCH_MAX;
+	bool full = n >= w->claim_size;
+	w->claim_size = RD_MAIL_BATCH;
 	if (n == 0) {
 		PQclear(res);
 		w->claim[0] = '\0';
@@ -866,10 +872,19 @@ static int batch(struct worker *w)
 	}
 	w->renew_at_us = rd_mono_us() + (int64_t)w->lease_ms * 500;
 	struct job *jobs = rd_xcalloc((size_t)n, sizeof(*jobs));
-	for (int i = 0; i < n; i++)
+	size_t bytes = 0;
+	for (int i = 0; i < n; i++) {
+		bytes += (size_t)PQgetlength(res, i, 7);
 		job_build(w, &jobs[i], res, i);
+	}
 	PQclear(res);
+	int64_t t0 = rd_mono_us();
 	deliver(w, jobs, n);
+	if (full && rd_mono_us() - t0 < RD_MAIL_GROW_US && bytes < RD_MAIL_GROW_BYTES) {
+		w->claim_size = lim_n * 2;
+		if (w->claim_size > RD_MAIL_BATCH_MAX)
+			w->claim_size = RD_MAIL_BATCH_MAX;
+	}
 	record(w, jobs, n);
 	w->claim[0] = '\0';
 	log_outcomes(w, jobs, n);
@@ -935,8 +950,17 @@ static void *worker_main(void *arg)
 			nap(m, w->backoff_ms);
 			continue;
 		}
-		w->backoff_ms = 0;
 		int n = batch(w);
+		if (n < 0) {
+			/* a statement failed on a live connection (or the
+			 * connection went): not again at once */
+			w->backoff_ms = w->backoff_ms ? w->backoff_ms * 2 : 100;
+			if (w->backoff_ms > RD_MAIL_BACKOFF_MAX_MS)
+				w->backoff_ms = RD_MAIL_BACKOFF_MAX_MS;
+			nap(m, w->backoff_ms);
+			continue;
+		}
+		w->backoff_ms = 0;
 		if (n == 0 && !atomic_load(&m->stopping))
 			idle(w);
 	}
