@@ -434,9 +434,10 @@ def test_claims_grow_with_a_backlog_and_shrink_after(rosterd, db, smtp):
     rosterd(workers=1)
     _queue_raw(db, "grow", 2000)
     wait_status(db, "sent", 2000, timeout=60, org="grow")
-    # 128 + 256 + 512 + 512 + 512 + 80: 6 sessions (128 each: 16)
+    # 128 + 256 + 512 + 512 + 512 + 80: 6 sessions (128 each: 16); a
+    # session of 512 that takes over 2 s (a slow build) starts again at 128
     sessions = len(smtp.events("connect"))
-    assert 5 <= sessions <= 8, sessions
+    assert 5 <= sessions <= 10, sessions
     # after the backlog: 128 + 172, not one claim of 512
     _queue_raw(db, "grow2", 300)
     wait_status(db, "sent", 300, timeout=60, org="grow2")
