@@ -850,21 +850,17 @@ static int batch(struct worker *w)
 	w->lease_ms = 4 * w->timeout_s * 1000;
 	char lease[16], lim[16];
 	snprintf(lease, sizeof(lease), "%d", w->lease_ms);
-	if (w->claim_size < RD_MAIL_BATCH)
-		w->claim_size = RD_MAIL_BATCH;
-	int lim_n = w->claim_size;
-	snprintf(lim, sizeof(lim), "%d", lim_n);
+	int want = w->claim_size;
+	w->claim_size = RD_MAIL_BATCH; /* unless this claim earns a larger one */
+	snprintf(lim, sizeof(lim), "%d", want);
 	const char *p[3] = {w->claim, lim, lease};
 	PGresult *res = pg_run(w, "outbox_claim", 3, p);
 	drain_notifies(w);
 	if (!res) {
 		w->claim[0] = '\0';
-		w->claim_size = RD_MAIL_BATCH;
 		return -1;
 	}
 	int n = PQntuples(res);
-	bool full = n >= w->claim_size;
-	w->claim_size = RD_MAIL_BATCH;
 	if (n == 0) {
 		PQclear(res);
 		w->claim[0] = '\0';
@@ -880,11 +876,8 @@ static int batch(struct worker *w)
 	PQclear(res);
 	int64_t t0 = rd_mono_us();
 	deliver(w, jobs, n);
-	if (full && rd_mono_us() - t0 < RD_MAIL_GROW_US && bytes < RD_MAIL_GROW_BYTES) {
-		w->claim_size = lim_n * 2;
-		if (w->claim_size > RD_MAIL_BATCH_MAX)
-			w->claim_size = RD_MAIL_BATCH_MAX;
-	}
+	if (n >= want && rd_mono_us() - t0 < RD_MAIL_GROW_US && bytes < RD_MAIL_GROW_BYTES)
+		w->claim_size = want * 2 > RD_MAIL_BATCH_MAX ? RD_MAIL_BATCH_MAX : want * 2;
 	record(w, jobs, n);
 	w->claim[0] = '\0';
 	log_outcomes(w, jobs, n);
@@ -918,6 +911,16 @@ static void idle(struct worker *w)
 	}
 }
 
+/* PostgreSQL failed: wait 100 ms, doubling up to RD_MAIL_BACKOFF_MAX_MS
+ * while it keeps failing (reset after a claim that worked). */
+static void back_off(struct worker *w)
+{
+	w->backoff_ms = w->backoff_ms ? w->backoff_ms * 2 : 100;
+	if (w->backoff_ms > RD_MAIL_BACKOFF_MAX_MS)
+		w->backoff_ms = RD_MAIL_BACKOFF_MAX_MS;
+	nap(w->m, w->backoff_ms);
+}
+
 static void *worker_main(void *arg)
 {
 	struct worker *w = arg;
@@ -944,20 +947,14 @@ static void *worker_main(void *arg)
 	}
 	while (!atomic_load(&m->stopping)) {
 		if (!w->conn && !pg_open(w)) {
-			w->backoff_ms = w->backoff_ms ? w->backoff_ms * 2 : 100;
-			if (w->backoff_ms > RD_MAIL_BACKOFF_MAX_MS)
-				w->backoff_ms = RD_MAIL_BACKOFF_MAX_MS;
-			nap(m, w->backoff_ms);
+			back_off(w);
 			continue;
 		}
 		int n = batch(w);
 		if (n < 0) {
 			/* a statement failed on a live connection (or the
 			 * connection went): not again at once */
-			w->backoff_ms = w->backoff_ms ? w->backoff_ms * 2 : 100;
-			if (w->backoff_ms > RD_MAIL_BACKOFF_MAX_MS)
-				w->backoff_ms = RD_MAIL_BACKOFF_MAX_MS;
-			nap(m, w->backoff_ms);
+			back_off(w);
 			continue;
 		}
 		w->backoff_ms = 0;
@@ -1049,6 +1046,7 @@ struct rd_mail *rd_mail_new(struct event_base *base, const struct rd_config *cfg
 	for (int i = 0; i < m->nworkers; i++) {
 		m->w[i].m = m;
 		m->w[i].idx = i;
+		m->w[i].claim_size = RD_MAIL_BATCH;
 		pthread_mutex_init(&m->w[i].plock, NULL);
 	}
 	return m;
