@@ -65,10 +65,11 @@
  * 7,400 mails/s on average over 9 alternating rounds), back to
  * RD_MAIL_BATCH as soon as a claim is not full, so that one worker does
  * not take a few hundred rows alone that others could share. A claim
- * grows only after a session shorter than RD_MAIL_GROW_US with bodies
- * under RD_MAIL_GROW_BYTES: a slow server keeps sessions short enough for
- * a drain (drain_timeout, 10 s by default, must see the session in flight
- * end and be recorded), and large mails keep a claim's memory bounded. */
+ * grows only after a session shorter than RD_MAIL_GROW_US whose messages,
+ * as built and held for the session, total under RD_MAIL_GROW_BYTES: a
+ * slow server keeps sessions short enough for a drain (drain_timeout,
+ * 10 s by default, must see the session in flight end and be recorded),
+ * and large mails keep a claim's memory bounded. */
 #define RD_MAIL_BATCH 128
 #define RD_MAIL_BATCH_MAX 512
 #define RD_MAIL_GROW_US 2000000
@@ -672,8 +673,9 @@ static void deliver(struct worker *w, struct job *jobs, int n)
 }
 
 /* Build the message of row r of a claim into j; a row that cannot be sent
- * at all (no usable address) fails at once. */
-static void job_build(struct worker *w, struct job *j, const PGresult *res, int r)
+ * at all (no usable address) fails at once. Returns the bytes of the
+ * message built (0 if none). */
+static size_t job_build(struct worker *w, struct job *j, const PGresult *res, int r)
 {
 	(void)w;
 	memset(j, 0, sizeof(*j));
@@ -686,7 +688,7 @@ static void job_build(struct worker *w, struct job *j, const PGresult *res, int 
 	if (!rd_tpl_parse_mailbox(PQgetvalue(res, r, 2), from_name, sizeof(from_name), j->from_addr,
 				  sizeof(j->from_addr))) {
 		set_outcome(j, "failed", "no usable From address (org.configured mail_from)");
-		return;
+		return 0;
 	}
 	if (!rd_tpl_parse_mailbox(PQgetvalue(res, r, 3), reply_name, sizeof(reply_name), reply_addr,
 				  sizeof(reply_addr)))
@@ -705,9 +707,12 @@ static void job_build(struct worker *w, struct job *j, const PGresult *res, int 
 	    .date_ms = strtoll(PQgetvalue(res, r, 9), NULL, 10),
 	};
 	struct rd_err err = {0};
-	size_t len;
-	if (rd_tpl_build(&tm, &j->text, &len, &err) != RD_OK)
+	size_t len = 0;
+	if (rd_tpl_build(&tm, &j->text, &len, &err) != RD_OK) {
 		set_outcome(j, "failed", "%s", err.msg);
+		return 0;
+	}
+	return len;
 }
 
 /* Append one element to a PostgreSQL array literal. */
@@ -869,10 +874,8 @@ static int batch(struct worker *w)
 	w->renew_at_us = rd_mono_us() + (int64_t)w->lease_ms * 500;
 	struct job *jobs = rd_xcalloc((size_t)n, sizeof(*jobs));
 	size_t bytes = 0;
-	for (int i = 0; i < n; i++) {
-		bytes += (size_t)PQgetlength(res, i, 7);
-		job_build(w, &jobs[i], res, i);
-	}
+	for (int i = 0; i < n; i++)
+		bytes += job_build(w, &jobs[i], res, i);
 	PQclear(res);
 	int64_t t0 = rd_mono_us();
 	deliver(w, jobs, n);
